@@ -1,0 +1,276 @@
+"""Typed study configuration: YAML -> dataclasses, validated before any work starts."""
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .registry import ConfigError, KDError, coerce, did_you_mean
+
+
+@dataclass
+class AugmentConfig:
+    crop_padding: int = 4  # random crop after zero padding (small images); 0 turns it off
+    hflip: bool = True  # random horizontal flip; turn off where mirrored images change the class
+
+    def validate(self, key):
+        _check(self.crop_padding >= 0, f"{key}.crop_padding", "must be >= 0", self.crop_padding)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion_mnist"
+    root: str = "data"
+    download: bool = True
+    image_size: int = 224  # folder datasets (imagenet) and fake data; fixed datasets know their own size
+    val_size: int = 5000  # held out from the training split to pick checkpoints; the test split is only reported
+    train_subset: int | None = None  # train on only this many images (quick runs); None = all
+    test_subset: int | None = None
+    split_seed: int = 0  # fixed apart from the training seed so repeated seeds share one split
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    num_workers: int = 2
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def validate(self, key):
+        _check(self.image_size >= 8, f"{key}.image_size", "must be >= 8", self.image_size)
+        _check(self.val_size >= 1, f"{key}.val_size", "must be >= 1", self.val_size)
+        for name in ("train_subset", "test_subset"):
+            v = getattr(self, name)
+            _check(v is None or v >= 1, f"{key}.{name}", "must be >= 1 or null", v)
+        _check(self.batch_size >= 1, f"{key}.batch_size", "must be >= 1", self.batch_size)
+        _check(self.eval_batch_size >= 1, f"{key}.eval_batch_size", "must be >= 1", self.eval_batch_size)
+        _check(self.num_workers >= 0, f"{key}.num_workers", "must be >= 0", self.num_workers)
+        self.augment.validate(f"{key}.augment")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    milestones: list[int] = field(default_factory=list)  # step schedule: epochs at which lr *= gamma
+    gamma: float = 0.1
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None  # max global gradient norm; None = no clipping
+    amp: str = "off"  # off | bf16 | fp16 (fp16 needs CUDA)
+    channels_last: bool = False
+
+    def validate(self, key):
+        _check(self.epochs >= 0, f"{key}.epochs", "must be >= 0", self.epochs)
+        _choice(self.optimizer, ("sgd", "adamw"), f"{key}.optimizer")
+        _check(self.lr > 0, f"{key}.lr", "must be > 0", self.lr)
+        _check(0 <= self.momentum < 1, f"{key}.momentum", "must be in [0, 1)", self.momentum)
+        _check(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0", self.weight_decay)
+        _choice(self.schedule, ("cosine", "onecycle", "step", "constant"), f"{key}.schedule")
+        _check(0 <= self.warmup_epochs <= max(self.epochs, 0), f"{key}.warmup_epochs",
+               f"must be in [0, epochs={self.epochs}]", self.warmup_epochs)
+        _check(all(0 < m <= self.epochs for m in self.milestones), f"{key}.milestones",
+               f"must lie in (0, epochs={self.epochs}]", self.milestones)
+        _check(0 < self.gamma <= 1, f"{key}.gamma", "must be in (0, 1]", self.gamma)
+        _check(0 <= self.label_smoothing < 1, f"{key}.label_smoothing", "must be in [0, 1)", self.label_smoothing)
+        _check(self.grad_clip is None or self.grad_clip > 0, f"{key}.grad_clip", "must be > 0 or null", self.grad_clip)
+        _choice(self.amp, ("off", "bf16", "fp16"), f"{key}.amp")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cnn"
+    kwargs: dict = field(default_factory=dict)  # constructor arguments, checked against its signature
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    name: str = "resnet18"
+    checkpoint: str = "checkpoints/teacher.pt"  # loaded when it exists, else the teacher is trained and saved here
+    weights: str | None = None  # 'torchvision' (its pretrained weights) or a path to a state dict to start from
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class LossConfig:
+    """A distillation method: its registered name plus its own parameters."""
+    name: str
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class FeatureConfig(LossConfig):
+    student: str = ""  # module names (as in model.named_modules()) whose outputs are matched
+    teacher: str = ""
+    weight: float = 1.0
+
+
+@dataclass
+class StageConfig:
+    """One student variant: labels only (no logit, no features) or any logit method plus feature methods."""
+    name: str
+    logit: LossConfig | None = None
+    features: list[FeatureConfig] = field(default_factory=list)
+
+    @property
+    def uses_teacher(self):
+        return self.logit is not None or bool(self.features)
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 256  # batch for throughput and memory; latency is also measured at batch 1
+    warmup: int = 5
+    repeats: int = 20
+
+    def validate(self, key):
+        for name in ("batch_size", "repeats"):
+            _check(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1", getattr(self, name))
+        _check(self.warmup >= 0, f"{key}.warmup", "must be >= 0", self.warmup)
+
+
+@dataclass
+class Config:
+    name: str
+    stages: list[StageConfig]
+    output_dir: str = "runs"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    deterministic: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self):
+        return Path(self.output_dir) / self.name
+
+    def validate(self):
+        _check(self.name and "/" not in self.name, "name", "must be a non-empty folder name", self.name)
+        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
+               "must be auto, cpu, cuda or cuda:N", self.device)
+        self.data.validate("data")
+        self.teacher.train.validate("teacher.train")
+        self.train.validate("train")
+        self.eval.validate("eval")
+        _check(len(self.stages) > 0, "stages", "must list at least one student stage", self.stages)
+        names = [s.name for s in self.stages]
+        for i, s in enumerate(self.stages):
+            _check(s.name not in ("teacher", "") and "/" not in s.name and names.count(s.name) == 1,
+                   f"stages[{i}].name", "must be a unique folder name other than 'teacher'", s.name)
+            for j, f in enumerate(s.features):
+                _check(f.student and f.teacher, f"stages[{i}].features[{j}]",
+                       "needs both 'student' and 'teacher' layer names", f"{f.student!r}/{f.teacher!r}")
+                _check(f.weight >= 0, f"stages[{i}].features[{j}].weight", "must be >= 0", f.weight)
+
+
+def _check(ok, key, message, value):
+    if not ok:
+        raise ConfigError(key, f"{message}, got {value!r}")
+
+
+def _choice(value, choices, key):
+    if value not in choices:
+        raise ConfigError(key, f"unknown value '{value}' ({did_you_mean(value, choices)})")
+
+
+def from_dict(cls, raw, key=""):
+    """Build a dataclass from a YAML mapping, rejecting unknown keys (with a did-you-mean) and wrong types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(key, f"expected a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    raw = dict(raw)
+    if issubclass(cls, LossConfig):  # a method's own parameters sit beside its name
+        raw["params"] = {k: raw.pop(k) for k in list(raw) if k not in fields}
+    kwargs = {}
+    for k, v in raw.items():
+        sub = f"{key}.{k}" if key else k
+        if k not in fields:
+            raise ConfigError(sub, f"unknown key ({did_you_mean(k, fields)})")
+        kwargs[k] = _convert(v, hints[k], sub)
+    missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING and n not in kwargs]
+    if missing:
+        raise ConfigError(key or "config", f"missing required key(s): {', '.join(missing)}")
+    return cls(**kwargs)
+
+
+def _convert(value, hint, key):
+    inner = [a for a in typing.get_args(hint) if a is not type(None)]
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, key)
+    if inner and dataclasses.is_dataclass(inner[0]):
+        if value is None:
+            return None
+        if typing.get_origin(hint) is list:
+            if not isinstance(value, list):
+                raise ConfigError(key, f"expected a list, got {value!r}")
+            return [from_dict(inner[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return from_dict(inner[0], value, key)
+    return coerce(value, hint, key)
+
+
+def apply_override(raw, assignment):
+    """Apply one --set a.b.c=value (value parsed as YAML; list items by index: stages.1.name=x)."""
+    path, sep, text = assignment.partition("=")
+    if not sep or not path:
+        raise ConfigError("--set", f"expected key=value, got {assignment!r}")
+    value = yaml.safe_load(text) if text else None
+    node, parts = raw, path.split(".")
+    for i, part in enumerate(parts[:-1]):
+        node = _child(node, part, ".".join(parts[:i + 1]), create=True)
+    last = parts[-1]
+    if isinstance(node, list):
+        _child(node, last, path, create=False)
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _child(node, part, path, create):
+    if isinstance(node, list):
+        if not part.isdigit() or int(part) >= len(node):
+            raise ConfigError(f"--set {path}", f"no list item {part} (the list has {len(node)})")
+        return node[int(part)]
+    if not isinstance(node, dict):
+        raise ConfigError(f"--set {path}", "is not a mapping")
+    if create:
+        node.setdefault(part, {})
+    return node.get(part)
+
+
+def load_config(path, overrides=()):
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise KDError(f"{path}: cannot read config ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise KDError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    try:
+        for o in overrides:
+            apply_override(raw, o)
+        cfg = from_dict(Config, raw)
+        cfg.validate()
+    except ConfigError as e:
+        raise KDError(f"{path}: {e}") from None
+    return cfg
+
+
+def to_dict(cfg):
+    """Plain-data view of a config, with each method's parameters back beside its name (as written in YAML)."""
+    def flat(obj):
+        if isinstance(obj, LossConfig):
+            d = {k: flat(v) for k, v in dataclasses.asdict(obj).items() if k != "params"}
+            return {**d, **obj.params}
+        if dataclasses.is_dataclass(obj):
+            return {f.name: flat(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        if isinstance(obj, list):
+            return [flat(v) for v in obj]
+        return obj
+    return flat(cfg)

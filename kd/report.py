@@ -1,0 +1,94 @@
+"""report.json and report.md: every number measured in this run, ratios derived from them against the teacher."""
+import datetime
+import json
+import os
+import platform
+
+import torch
+
+MB = 2 ** 20
+
+
+def write_text_atomic(path, text):
+    """Temp file + rename: a run killed while writing never leaves a truncated report."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def add_ratios(rows, batch):
+    """Speed-up, size and compute reduction, and accuracy gap against the teacher; gain over the first
+    teacher-free student stage (the baseline)."""
+    t = rows["teacher"]
+    baseline = next((r for n, r in rows.items() if n != "teacher" and r.get("uses_teacher") is False), None)
+    for row in rows.values():
+        row["speedup_b1"] = t["latency_b1_ms"] / row["latency_b1_ms"]
+        row[f"speedup_b{batch}"] = t[f"latency_b{batch}_ms"] / row[f"latency_b{batch}_ms"]
+        row["param_reduction"] = t["params"] / row["params"]
+        row["mac_reduction"] = t["macs"] / row["macs"]
+        row["memory_reduction"] = t["peak_memory_bytes"] / row["peak_memory_bytes"]
+        row["top1_gap_vs_teacher"] = t["test_top1"] - row["test_top1"]
+        if baseline is not None:
+            row["top1_gain_vs_baseline"] = row["test_top1"] - baseline["test_top1"]
+
+
+def markdown(report):
+    b = report["meta"]["eval_batch_size"]
+    cols = [("model", lambda n, r: n),
+            ("val top-1", lambda n, r: f"{100 * r['val_top1']:.2f}"),
+            ("test top-1", lambda n, r: f"{100 * r['test_top1']:.2f}"),
+            ("test top-5", lambda n, r: f"{100 * r['test_top5']:.2f}"),
+            ("gap vs teacher (pp)", lambda n, r: f"{100 * r['top1_gap_vs_teacher']:+.2f}"),
+            ("params", lambda n, r: f"{r['params'] / 1e6:.3f}M"),
+            ("checkpoint MB", lambda n, r: f"{r['checkpoint_bytes'] / MB:.2f}"),
+            ("MMACs/img", lambda n, r: f"{r['macs'] / 1e6:.1f}"),
+            ("latency b1 ms (p90)", lambda n, r: f"{r['latency_b1_ms']:.2f} ({r['latency_b1_p90_ms']:.2f})"),
+            (f"latency b{b} ms (p90)", lambda n, r: f"{r[f'latency_b{b}_ms']:.1f} ({r[f'latency_b{b}_p90_ms']:.1f})"),
+            (f"img/s b{b}", lambda n, r: f"{r[f'images_per_s_b{b}']:.0f}"),
+            (f"peak MB b{b}", lambda n, r: f"{r['peak_memory_bytes'] / MB:.1f}"),
+            (f"speed-up b1 / b{b}", lambda n, r: f"{r['speedup_b1']:.1f}x / {r[f'speedup_b{b}']:.1f}x"),
+            ("params / MACs / memory reduction",
+             lambda n, r: f"{r['param_reduction']:.1f}x / {r['mac_reduction']:.1f}x / {r['memory_reduction']:.1f}x")]
+    lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(n, r) for _, fmt in cols) + " |" for n, r in report["models"].items()]
+    m = report["meta"]
+    notes = [f"Study `{m['study']}` on {m['dataset']} ({m['train_images']} train / {m['val_images']} val / "
+             f"{m['test_images']} test images), {m['date']}.",
+             f"Device: {m['device']}; torch {m['torch']}. Latency: median (p90) of {m['repeats']} forward passes "
+             f"after {m['warmup']} warm-up passes, inputs already on the device, fp32. Peak memory: one forward pass "
+             f"at batch {b}, weights and input included ({m['memory_method']}).",
+             "Ratios are the teacher's figure over the model's, measured in the same process; accuracy gap in "
+             "percentage points of test top-1. Validation top-1 picked each checkpoint; test is reported only."]
+    extra = [f"- `{n}`: {r['method_params']:,} method parameters (connectors) used in training only, not deployed."
+             for n, r in report["models"].items() if r.get("method_params")]
+    return "\n".join(lines + [""] + notes + ([""] + extra if extra else [])) + "\n"
+
+
+def write_report(run_dir, cfg, data, device, rows):
+    for name, row in rows.items():
+        row["uses_teacher"] = None if name == "teacher" else next(s for s in cfg.stages if s.name == name).uses_teacher
+    add_ratios(rows, cfg.eval.batch_size)
+    report = {"meta": {"study": cfg.name, "dataset": cfg.data.dataset, "train_images": len(data.train),
+                       "val_images": len(data.val), "test_images": len(data.test), "device": device_name(device),
+                       "torch": torch.__version__, "eval_batch_size": cfg.eval.batch_size, "warmup": cfg.eval.warmup,
+                       "repeats": cfg.eval.repeats,
+                       "memory_method": "CUDA max_memory_allocated" if device.type == "cuda"
+                       else "weights + input + peak live ATen tensor storage",
+                       "date": datetime.datetime.now().isoformat(timespec="seconds")},
+              "models": rows}
+    write_text_atomic(run_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    text = markdown(report)
+    write_text_atomic(run_dir / "report.md", f"# Distillation study `{cfg.name}`\n\n" + text)
+    print("\n" + text)
+    return report

@@ -1,0 +1,165 @@
+"""The study: obtain a teacher, train every student stage, evaluate all models, write the report."""
+import hashlib
+import json
+import os
+import pickle
+from pathlib import Path
+
+import torch
+import yaml
+
+from .config import to_dict
+from .data import build_data, make_loaders, sample_batch
+from .device import autocast, resolve_device
+from .distiller import Distiller
+from .evaluate import accuracy, profile
+from .models import count_parameters, create_model, load_weights
+from .registry import ConfigError, KDError
+from .report import write_report, write_text_atomic
+from .train import Trainer, save_atomic
+
+
+def fingerprint(*parts):
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_digest(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def load_model_file(model, path):
+    """Load {"model": state_dict, ...} files (best.pt, teacher checkpoints); returns the whole dict."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(ckpt["model"])
+    return ckpt
+
+
+class Study:
+    def __init__(self, cfg, resume=False):
+        self.cfg, self.resume = cfg, resume
+        self.device = resolve_device(cfg.device)
+        for train_cfg in (cfg.teacher.train, cfg.train):
+            autocast(self.device, train_cfg.amp)  # refuses fp16 on a CPU before any work
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = not cfg.deterministic
+        self.run_dir = cfg.run_dir
+        self.data = build_data(cfg.data)
+        self.sample = sample_batch(self.data)
+        self.image_shape = tuple(self.sample.shape[1:])
+        # Build every model and method now, so a bad layer name fails before hours of teacher training.
+        self.teacher = self.new_model(cfg.teacher, "teacher")
+        self.distillers = {s.name: Distiller.build(s, self.new_model(cfg.student, "student"), self.teacher, self.sample,
+                                                   cfg.train.label_smoothing, f"stages[{i}]")
+                           for i, s in enumerate(cfg.stages)}
+        # Data settings that change what a model learns; paths, workers and eval batch do not.
+        self.data_key = {k: v for k, v in to_dict(cfg.data).items()
+                         if k not in ("root", "download", "num_workers", "eval_batch_size")}
+
+    def new_model(self, model_cfg, key):
+        return create_model(model_cfg.name, key, model_cfg.kwargs, self.data.in_channels, self.data.num_classes,
+                            self.data.image_size)
+
+    def run(self):
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        results = {"teacher": self.obtain_teacher()}
+        self.teacher.to(self.device)
+        for stage in self.cfg.stages:
+            results[stage.name] = self.train_student(stage)
+        return write_report(self.run_dir, self.cfg, self.data, self.device, self.profile_all(results))
+
+    def obtain_teacher(self):
+        """Load the configured teacher checkpoint, or train the teacher and save it there for later studies."""
+        tcfg, path = self.cfg.teacher, Path(self.cfg.teacher.checkpoint)
+        if not path.exists():
+            if tcfg.weights:
+                fresh = load_weights(self.teacher, tcfg.name, tcfg.weights, "teacher.weights")
+                print(f"[teacher] initialised from {tcfg.weights}" + (f"; new: {', '.join(fresh)}" if fresh else ""))
+            key = fingerprint(self.data_key, to_dict(tcfg), self.cfg.seed)
+            info = self.fit("teacher", Distiller(self.teacher, label_smoothing=tcfg.train.label_smoothing),
+                            tcfg.train, key)
+            save_atomic({"model": self.teacher.state_dict(), "name": tcfg.name, "train": info}, path)
+            print(f"[teacher] saved {path}")
+        print(f"[teacher] loading {path}")
+        try:
+            ckpt = load_model_file(self.teacher, path)
+        except (RuntimeError, KeyError, OSError, pickle.UnpicklingError) as e:
+            raise ConfigError("teacher.checkpoint", f"{path} does not hold a '{tcfg.name}' for this data "
+                              f"({str(e).splitlines()[0]}); point it elsewhere or delete it to retrain") from None
+        key = fingerprint(self.data_key, file_digest(path))
+        return self.cached_result(self.run_dir / "teacher", key) or self.finish(
+            "teacher", self.teacher, key, {**ckpt.get("train", {}), "checkpoint": str(path)})
+
+    def train_student(self, stage):
+        key = fingerprint(self.data_key, to_dict(self.cfg.student), to_dict(self.cfg.train), to_dict(stage),
+                          self.cfg.seed, file_digest(self.cfg.teacher.checkpoint) if stage.uses_teacher else None)
+        cached = self.cached_result(self.run_dir / stage.name, key)
+        if cached:
+            return cached
+        distiller = self.distillers[stage.name]
+        info = self.fit(stage.name, distiller, self.cfg.train, key)
+        info["checkpoint"] = str(self.run_dir / stage.name / "best.pt")
+        return self.finish(stage.name, distiller.student, key, info)
+
+    def cached_result(self, stage_dir, key):
+        """A finished stage is reused; one finished under another config is never overwritten."""
+        path = stage_dir / "result.json"
+        if not path.exists():
+            return None
+        result = json.loads(path.read_text())
+        if result["fingerprint"] != key:
+            raise KDError(f"{stage_dir}: finished under a different config (data, model, recipe, method or "
+                          "teacher changed); rename the stage or the study, or delete that folder to retrain it")
+        print(f"[{stage_dir.name}] finished earlier; reusing {path}")
+        return result
+
+    def fit(self, name, distiller, train_cfg, key):
+        """Train (or resume) one model; leaves its best validation weights loaded and returns training facts."""
+        out_dir = self.run_dir / name
+        trainer = Trainer(distiller.to(self.device), train_cfg, self.loaders()[:2], self.device, out_dir,
+                          self.cfg.seed, key, name)
+        if trainer.last_path.exists():
+            if not self.resume:
+                raise KDError(f"{trainer.last_path}: an unfinished run is there; pass --resume to continue it, "
+                              "or delete that folder to start over")
+            trainer.resume()
+        best = trainer.fit()
+        load_model_file(distiller.student, out_dir / "best.pt")
+        speeds = [row["train_images_per_s"] for row in trainer.history]
+        return {"best_epoch": best["epoch"], "epochs": train_cfg.epochs,
+                "train_images_per_s": sum(speeds) / len(speeds) if speeds else None,
+                "method_params": sum(count_parameters(m) for m in (distiller.features, distiller.logit) if m is not None)}
+
+    def finish(self, name, model, key, info):
+        """Validation and test accuracy, computed once per finished model and stored beside it."""
+        _, val_loader, test_loader = self.loaders()
+        val = accuracy(model.to(self.device), val_loader, self.device)
+        test = accuracy(model, test_loader, self.device)
+        result = {"fingerprint": key, **info, "val_top1": val["top1"], "test_top1": test["top1"],
+                  "test_top5": test["top5"], "test_loss": test["loss"]}
+        (self.run_dir / name).mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.run_dir / name / "result.json", json.dumps(result, indent=2) + "\n")
+        print(f"[{name}] test top-1 {test['top1']:.4f}, top-5 {test['top5']:.4f}")
+        return result
+
+    def loaders(self):
+        return make_loaders(self.data, self.cfg.data, self.device, torch.Generator())
+
+    def profile_all(self, results):
+        """Teacher and students measured in one process, one after another, on the same inputs and settings."""
+        memory_format = torch.channels_last if self.cfg.train.channels_last else torch.preserve_format
+        rows = {}
+        for name, result in results.items():
+            # Fresh, hook-free models loaded from the saved files: what a user would deploy.
+            model = self.new_model(self.cfg.teacher if name == "teacher" else self.cfg.student, name)
+            load_model_file(model, result["checkpoint"])
+            print(f"[{name}] measuring inference cost on {self.device}")
+            cost = profile(model, self.image_shape, self.device, self.cfg.eval, memory_format)
+            rows[name] = {**result, **cost, "checkpoint_bytes": os.path.getsize(result["checkpoint"])}
+        return rows

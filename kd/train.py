@@ -1,0 +1,179 @@
+"""One training loop for the teacher, the baseline and every distilled student, with exact resume."""
+import csv
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .device import autocast
+from .evaluate import accuracy
+from .registry import KDError
+
+
+def make_optimizer(params, cfg):
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer, cfg, steps_per_epoch):
+    """Stepped every batch; linear warm-up then the named shape (one-cycle brings its own warm-up)."""
+    total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=max(total, 1),
+                                                   pct_start=cfg.warmup_epochs / cfg.epochs if cfg.warmup_epochs else 0.3)
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+        if cfg.schedule == "step":
+            return cfg.gamma ** sum(step >= m * steps_per_epoch for m in cfg.milestones)
+        return 1.0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def rng_state(generator):
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+             "loader": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state, generator):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    generator.set_state(state["loader"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file, then rename: a run killed mid-write never leaves a broken checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Trains `distiller.learnable()`; writes `last.pt` (everything needed to resume) every epoch, `best.pt`
+    (student weights of the best validation epoch) and `metrics.csv`, all inside `out_dir`."""
+
+    def __init__(self, distiller, cfg, loaders, device, out_dir, seed, fingerprint, name):
+        self.distiller, self.cfg, self.device, self.name = distiller, cfg, device, name
+        self.train_loader, self.val_loader = loaders
+        self.out_dir, self.fingerprint = Path(out_dir), fingerprint
+        self.generator = self.train_loader.generator
+        self.learnable = distiller.learnable()
+        self.optimizer = make_optimizer([p for p in self.learnable.parameters() if p.requires_grad], cfg)
+        self.scheduler = make_scheduler(self.optimizer, cfg, len(self.train_loader))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
+        self.epoch, self.best, self.history = 0, {"val_top1": -1.0, "epoch": 0}, []
+        seed_everything(seed)
+        self.generator.manual_seed(seed)
+
+    @property
+    def last_path(self):
+        return self.out_dir / "last.pt"
+
+    def state(self):
+        return {"fingerprint": self.fingerprint, "epoch": self.epoch, "best": self.best, "history": self.history,
+                "learnable": self.learnable.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "rng": rng_state(self.generator)}
+
+    def resume(self):
+        ckpt = torch.load(self.last_path, map_location="cpu", weights_only=False)
+        if ckpt["fingerprint"] != self.fingerprint:
+            raise KDError(f"{self.last_path}: this unfinished stage was started with a different config; "
+                          "delete it or restore the config to resume")
+        self.learnable.load_state_dict(ckpt["learnable"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"], self.generator)
+        self.epoch, self.best, self.history = ckpt["epoch"], ckpt["best"], ckpt["history"]
+        print(f"[{self.name}] resuming after epoch {self.epoch} of {self.cfg.epochs}")
+
+    def fit(self):
+        """Train the remaining epochs; return the best validation result and the mean training throughput."""
+        if self.epoch == 0 and self.cfg.epochs == 0:
+            self.best = {"val_top1": self.validate()["top1"], "epoch": 0}
+            save_atomic({"model": self.distiller.student.state_dict()}, self.out_dir / "best.pt")
+        while self.epoch < self.cfg.epochs:
+            train = self.train_epoch()
+            val = self.validate()
+            self.epoch += 1
+            if val["top1"] > self.best["val_top1"]:
+                self.best = {"val_top1": val["top1"], "epoch": self.epoch}
+                save_atomic({"model": self.distiller.student.state_dict()}, self.out_dir / "best.pt")
+            self.log({"epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"], **train,
+                      **{f"val_{k}": v for k, v in val.items()}})
+            save_atomic(self.state(), self.last_path)
+        return self.best
+
+    def train_epoch(self):
+        self.distiller.train()
+        totals, seen, correct, start = {}, 0, 0, time.perf_counter()
+        bar = tqdm(self.train_loader, desc=f"[{self.name}] epoch {self.epoch + 1}/{self.cfg.epochs}",
+                   leave=False, dynamic_ncols=True, disable=None)
+        for x, y in bar:
+            x = x.to(self.device, non_blocking=True, memory_format=self.memory_format)
+            y = y.to(self.device, non_blocking=True)
+            with autocast(self.device, self.cfg.amp):
+                logits, terms = self.distiller(x, y)
+            loss = terms["loss"]
+            if not torch.isfinite(loss):
+                raise KDError(f"[{self.name}] loss became {loss.item()} at epoch {self.epoch + 1}; "
+                              "lower the learning rate or enable train.grad_clip")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if self.cfg.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.learnable.parameters(), self.cfg.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            n = y.numel()
+            seen += n
+            correct += (logits.argmax(1) == y).sum().item()
+            for k, v in terms.items():
+                totals[k] = totals.get(k, 0.0) + v.item() * n
+            bar.set_postfix(loss=f"{totals['loss'] / seen:.3f}", acc=f"{correct / seen:.3f}",
+                            img_s=f"{seen / (time.perf_counter() - start):.0f}")
+        elapsed = time.perf_counter() - start
+        return {**{f"train_{k}": v / seen for k, v in totals.items()}, "train_top1": correct / seen,
+                "train_images_per_s": seen / elapsed, "epoch_seconds": elapsed}
+
+    def validate(self):
+        return accuracy(self.distiller.student, self.val_loader, self.device, self.cfg.amp, self.memory_format)
+
+    def log(self, row):
+        """Rewrite the CSV from the checkpointed history, so a resumed run never repeats or loses a row."""
+        self.history.append(row)
+        tmp = self.out_dir / "metrics.csv.tmp"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            writer.writeheader()
+            writer.writerows({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in r.items()} for r in self.history)
+        os.replace(tmp, self.out_dir / "metrics.csv")
+        print(f"[{self.name}] epoch {self.epoch}/{self.cfg.epochs} loss {row['train_loss']:.4f} "
+              f"train {row['train_top1']:.4f} val {row['val_top1']:.4f} ({row['train_images_per_s']:.0f} img/s)")

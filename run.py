@@ -1,0 +1,45 @@
+"""Distill a ResNet-18 teacher into a small student and report what the compression costs.
+
+    python run.py --config configs/fashion_mnist.yaml
+    python run.py --config configs/cifar10.yaml --set train.epochs=5 --set data.batch_size=256 --device cuda
+
+The run folder (<output_dir>/<name>/) holds the resolved config, per-stage checkpoints and metrics.csv,
+report.json and report.md. Finished stages are reused when the study is run again; an interrupted stage
+continues with --resume.
+"""
+import argparse
+import sys
+
+from kd.config import load_config
+from kd.registry import KDError
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="study YAML file (see configs/ and the README's reference)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, value parsed as YAML; repeatable (e.g. train.epochs=5, stages.1.logit.temperature=2)")
+    p.add_argument("--resume", action="store_true", help="continue unfinished stages from their last epoch checkpoint")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides the config's device")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        overrides = args.set + ([f"device={args.device}"] if args.device else [])
+        cfg = load_config(args.config, overrides)
+        from kd.study import Study  # after validation: torch's import cost is not paid for a bad config
+        Study(cfg, resume=args.resume).run()
+    except KDError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished stages and epoch checkpoints are kept; rerun with --resume to continue",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
