@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from kd.config import load_config
-from kd.registry import KDError
+from kd.registry import ConfigError, KDError
 
 
 def parse_args(argv):
@@ -31,6 +31,9 @@ def main(argv=None):
         cfg = load_config(args.config, overrides)
         from kd.study import Study  # after validation: torch's import cost is not paid for a bad config
         Study(cfg, resume=args.resume).run()
+    except ConfigError as e:  # found while building data and models: name the file as load_config does
+        print(f"error: {args.config}: {e}", file=sys.stderr)
+        return 2
     except KDError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

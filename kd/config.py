@@ -220,7 +220,10 @@ def apply_override(raw, assignment):
     path, sep, text = assignment.partition("=")
     if not sep or not path:
         raise ConfigError("--set", f"expected key=value, got {assignment!r}")
-    value = yaml.safe_load(text) if text else None
+    try:
+        value = yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {path}", f"value is not valid YAML: {text!r}") from None
     node, parts = raw, path.split(".")
     for i, part in enumerate(parts[:-1]):
         node = _child(node, part, ".".join(parts[:i + 1]), create=True)
@@ -228,8 +231,10 @@ def apply_override(raw, assignment):
     if isinstance(node, list):
         _child(node, last, path, create=False)
         node[int(last)] = value
-    else:
+    elif isinstance(node, dict):
         node[last] = value
+    else:
+        raise ConfigError(f"--set {path}", f"'{'.'.join(parts[:-1])}' is not a mapping")
 
 
 def _child(node, part, path, create):
@@ -238,20 +243,23 @@ def _child(node, part, path, create):
             raise ConfigError(f"--set {path}", f"no list item {part} (the list has {len(node)})")
         return node[int(part)]
     if not isinstance(node, dict):
-        raise ConfigError(f"--set {path}", "is not a mapping")
-    if create:
-        node.setdefault(part, {})
+        raise ConfigError(f"--set {path}", f"'{path.rpartition('.')[0]}' is not a mapping")
+    if create and node.get(part) is None:
+        node[part] = {}
     return node.get(part)
 
 
 def load_config(path, overrides=()):
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise KDError(f"{path}: cannot read config ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise KDError(f"{path}: not a UTF-8 text file") from None
     except yaml.YAMLError as e:
         raise KDError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    raw = {} if raw is None else raw
     try:
         for o in overrides:
             apply_override(raw, o)

@@ -9,7 +9,7 @@ import torchvision
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 
-from .registry import KDError, Registry
+from .registry import ConfigError, Registry
 
 DATASETS = Registry("dataset")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
@@ -48,8 +48,8 @@ def small_image_transforms(cfg, size, mean, std):
 
 
 def _missing(name, root, expected, error):
-    return KDError(f"data.root: {name} not found in {root} and not downloadable here ({error}); "
-                   f"put {expected} there, or set data.download: true where the network allows")
+    return ConfigError("data.root", f"{name} not found in {root} and not downloadable here ({error}); "
+                       f"put {expected} there, or set data.download: true where the network allows")
 
 
 @DATASETS.register("cifar10")
@@ -104,10 +104,10 @@ def imagenet(cfg):
         train = torchvision.datasets.ImageFolder(root / "train", transform=train_tf)
         test = torchvision.datasets.ImageFolder(root / "val", transform=eval_tf)
     except (FileNotFoundError, OSError) as e:
-        raise KDError(f"data.root: no ImageNet-style folders in {root} ({e}); expected train/<class>/*.jpg "
-                      "and val/<class>/*.jpg") from None
+        raise ConfigError("data.root", f"no ImageNet-style folders in {root} ({e}); expected train/<class>/*.jpg "
+                          "and val/<class>/*.jpg") from None
     if train.classes != test.classes:
-        raise KDError(f"data.root: {root}/train and {root}/val have different class folders")
+        raise ConfigError("data.root", f"{root}/train and {root}/val have different class folders")
     plain = torchvision.datasets.ImageFolder(root / "train", transform=eval_tf)
     return Splits(train, plain, test, len(train.classes), 3, size)
 
@@ -126,7 +126,7 @@ def build_data(cfg):
     s = DATASETS.get(cfg.dataset, "data.dataset")(cfg)
     n = len(s.train)
     if cfg.val_size >= n:
-        raise KDError(f"data.val_size: {cfg.val_size} leaves no training images (the training split has {n})")
+        raise ConfigError("data.val_size", f"{cfg.val_size} leaves no training images (the training split has {n})")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.split_seed)).tolist()
     val_idx, train_idx = order[:cfg.val_size], order[cfg.val_size:]
     if cfg.train_subset:

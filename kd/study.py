@@ -10,13 +10,13 @@ import yaml
 
 from .config import to_dict
 from .data import build_data, make_loaders, sample_batch
-from .device import autocast, resolve_device
+from .device import resolve_device
 from .distiller import Distiller
 from .evaluate import accuracy, profile
 from .models import count_parameters, create_model, load_weights
 from .registry import ConfigError, KDError
 from .report import write_report, write_text_atomic
-from .train import Trainer, save_atomic
+from .train import Trainer, save_atomic, seed_everything
 
 
 def fingerprint(*parts):
@@ -42,8 +42,9 @@ class Study:
     def __init__(self, cfg, resume=False):
         self.cfg, self.resume = cfg, resume
         self.device = resolve_device(cfg.device)
-        for train_cfg in (cfg.teacher.train, cfg.train):
-            autocast(self.device, train_cfg.amp)  # refuses fp16 on a CPU before any work
+        for key, train_cfg in (("teacher.train.amp", cfg.teacher.train), ("train.amp", cfg.train)):
+            if train_cfg.amp == "fp16" and self.device.type != "cuda":
+                raise ConfigError(key, "fp16 needs a CUDA device; use bf16 or off on a CPU")
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
@@ -62,6 +63,9 @@ class Study:
                          if k not in ("root", "download", "num_workers", "eval_batch_size")}
 
     def new_model(self, model_cfg, key):
+        """Seeded per model: a stage's initial weights (and its connectors', built next) do not depend on how
+        many models were built before it, and every student starts from the same weights."""
+        seed_everything(self.cfg.seed)
         return create_model(model_cfg.name, key, model_cfg.kwargs, self.data.in_channels, self.data.num_classes,
                             self.data.image_size)
 

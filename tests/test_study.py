@@ -1,0 +1,115 @@
+"""The study end to end: CLI run, report contents, reuse of finished stages, exact resume, real data."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import run
+from kd.data import DEBIAN_FASHION_MNIST
+from kd.distiller import Distiller
+
+from conftest import ROOT
+
+
+def report_of(cfg_path, name="smoke"):
+    return json.loads((cfg_path.parent / "runs" / name / "report.json").read_text())
+
+
+def test_cli_smoke_study_writes_reports_and_reuses_finished_stages(smoke_config):
+    cfg = smoke_config()
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "--config", str(cfg), "--device", "cpu"],
+                          capture_output=True, text=True, cwd=cfg.parent, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    run_dir = cfg.parent / "runs" / "smoke"
+    for stage in ("baseline", "kd", "kd_fitnets"):
+        assert (run_dir / stage / "best.pt").exists() and (run_dir / stage / "metrics.csv").exists()
+    report = report_of(cfg)
+    models = report["models"]
+    assert list(models) == ["teacher", "baseline", "kd", "kd_fitnets"]
+    for row in models.values():
+        for key in ("test_top1", "test_top5", "val_top1", "params", "macs", "latency_b1_ms", "latency_b32_ms",
+                    "images_per_s_b32", "peak_memory_bytes", "checkpoint_bytes"):
+            assert row[key] > 0 or key.endswith("top1"), key
+    assert models["kd"]["speedup_b32"] == pytest.approx(models["teacher"]["latency_b32_ms"] / models["kd"]["latency_b32_ms"])
+    assert models["baseline"]["mac_reduction"] > 10 and models["baseline"]["param_reduction"] > 10
+    assert models["kd_fitnets"]["method_params"] > 0 and models["kd"]["method_params"] == 0
+    assert "| kd_fitnets |" in (run_dir / "report.md").read_text() and "| kd_fitnets |" in proc.stdout
+    assert (run_dir / "config.yaml").exists()
+
+    mtime = (run_dir / "kd" / "best.pt").stat().st_mtime_ns
+    again = subprocess.run([sys.executable, str(ROOT / "run.py"), "--config", str(cfg), "--device", "cpu"],
+                           capture_output=True, text=True, cwd=cfg.parent, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "[kd] finished earlier" in again.stdout and "epoch 1/" not in again.stdout
+    assert (run_dir / "kd" / "best.pt").stat().st_mtime_ns == mtime
+
+
+def test_finished_stage_is_not_overwritten_by_a_changed_config(smoke_config, capsys):
+    cfg = smoke_config(stages=[{"name": "baseline"}])
+    assert run.main(["--config", str(cfg), "--device", "cpu"]) == 0
+    best = cfg.parent / "runs" / "smoke" / "baseline" / "best.pt"
+    before = best.read_bytes()
+    capsys.readouterr()
+    assert run.main(["--config", str(cfg), "--device", "cpu", "--set", "train.lr=0.01"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "baseline" in err and "different config" in err and "\n" not in err
+    assert best.read_bytes() == before
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_result(smoke_config, monkeypatch, capsys):
+    stages = [{"name": "kd_fitnets", "logit": {"name": "kd"},
+               "features": [{"name": "fitnets", "student": "stages.1", "teacher": "layer2"}]}]
+    full = smoke_config(stages=stages, train={"epochs": 3})
+    assert run.main(["--config", str(full), "--device", "cpu"]) == 0
+    interrupted = smoke_config(stages=stages, train={"epochs": 3}, name="resumed")
+
+    calls, forward = [0], Distiller.forward
+
+    def dies_in_second_epoch(self, x, y):
+        calls[0] += 1
+        if self.teacher is not None and calls[0] == 7:  # 4 batches per epoch: mid-way through epoch 2
+            raise KeyboardInterrupt
+        return forward(self, x, y)
+    monkeypatch.setattr(Distiller, "forward", dies_in_second_epoch)
+    assert run.main(["--config", str(interrupted), "--device", "cpu"]) == 130
+    stage_dir = full.parent / "runs" / "resumed" / "kd_fitnets"
+    assert torch.load(stage_dir / "last.pt", weights_only=False)["epoch"] == 1
+    assert not (stage_dir / "result.json").exists()
+    assert run.main(["--config", str(interrupted), "--device", "cpu"]) == 2  # refuses to restart silently
+    assert "--resume" in capsys.readouterr().err
+    monkeypatch.setattr(Distiller, "forward", forward)
+    assert run.main(["--config", str(interrupted), "--device", "cpu", "--resume"]) == 0
+
+    reference = full.parent / "runs" / "smoke" / "kd_fitnets"
+    for name in ("best.pt", "last.pt"):
+        a = torch.load(reference / name, weights_only=False)
+        b = torch.load(stage_dir / name, weights_only=False)
+        state_a, state_b = a.get("learnable", a.get("model")), b.get("learnable", b.get("model"))
+        assert state_a.keys() == state_b.keys()
+        for key in state_a:
+            assert torch.equal(state_a[key], state_b[key]), (name, key)
+    assert (reference / "metrics.csv").read_text().splitlines()[1:] and \
+        [r.split(",")[:3] for r in (reference / "metrics.csv").read_text().splitlines()] == \
+        [r.split(",")[:3] for r in (stage_dir / "metrics.csv").read_text().splitlines()]
+    ref, res = report_of(full, "smoke")["models"], report_of(full, "resumed")["models"]
+    assert ref["kd_fitnets"]["test_top1"] == res["kd_fitnets"]["test_top1"]
+
+
+@pytest.mark.skipif(not DEBIAN_FASHION_MNIST.exists(),
+                    reason="real Fashion-MNIST is absent: apt-get install dataset-fashion-mnist")
+def test_real_fashion_mnist_student_beats_chance_by_a_wide_margin(smoke_config):
+    small = {"name": "cnn", "kwargs": {"channels": [16, 32], "blocks": 1}}
+    cfg = smoke_config(
+        data={"dataset": "fashion_mnist", "root": str(ROOT / "data"), "download": False, "val_size": 500,
+              "train_subset": 3000, "test_subset": 1000, "batch_size": 64, "eval_batch_size": 500,
+              "augment": {"crop_padding": 0, "hflip": True}},
+        teacher={**small, "train": {"epochs": 2, "lr": 0.05}},
+        student={"name": "cnn", "kwargs": {"channels": [16, 32, 64], "blocks": 1}},
+        train={"epochs": 2, "lr": 0.05, "warmup_epochs": 0},
+        stages=[{"name": "baseline"}, {"name": "kd", "logit": {"name": "kd"}}])
+    assert run.main(["--config", str(cfg), "--device", "cpu"]) == 0
+    models = report_of(cfg)["models"]
+    for name in ("teacher", "baseline", "kd"):
+        assert models[name]["test_top1"] > 0.6, (name, models[name]["test_top1"])  # chance is 0.1
