@@ -2,6 +2,7 @@
 
     python run.py --config configs/fashion_mnist.yaml
     python run.py --config configs/cifar10.yaml --set train.epochs=5 --set data.batch_size=256 --device cuda
+    torchrun --nproc_per_node 4 run.py --config configs/cifar10.yaml     # one process per GPU
 
 The run folder (<output_dir>/<name>/) holds the resolved config, per-stage checkpoints and metrics.csv,
 report.json and report.md. Finished stages are reused when the study is run again; an interrupted stage
@@ -24,6 +25,12 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def shutdown_distributed():
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -31,6 +38,7 @@ def main(argv=None):
         cfg = load_config(args.config, overrides)
         from kd.study import Study  # after validation: torch's import cost is not paid for a bad config
         Study(cfg, resume=args.resume).run()
+        shutdown_distributed()
     except ConfigError as e:  # found while building data and models: name the file as load_config does
         print(f"error: {args.config}: {e}", file=sys.stderr)
         return 2

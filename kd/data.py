@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 import torchvision
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import transforms as T
 
 from .registry import ConfigError, Registry
@@ -138,13 +138,19 @@ def build_data(cfg):
                 s.num_classes, s.in_channels, s.image_size)
 
 
-def make_loaders(data, cfg, device, generator):
+def make_loaders(data, cfg, device, generator, seed=0, rank=0, world=1):
     """The training loader draws its order (and its workers' augmentation seeds) from `generator`, so a resumed
-    run that restores the generator's state sees the same batches."""
+    run that restores the generator's state sees the same batches. Under torchrun each of the `world`
+    processes takes its share of every epoch and of `batch_size`."""
     pin = device.type == "cuda"
     common = dict(num_workers=cfg.num_workers, pin_memory=pin, persistent_workers=False)
-    train = DataLoader(data.train, cfg.batch_size, shuffle=True, drop_last=len(data.train) > cfg.batch_size,
-                       generator=generator, **common)
+    if world > 1:
+        sampler = DistributedSampler(data.train, world, rank, shuffle=True, seed=seed, drop_last=True)
+        train = DataLoader(data.train, cfg.batch_size // world, sampler=sampler, drop_last=True, generator=generator,
+                           **common)
+    else:
+        train = DataLoader(data.train, cfg.batch_size, shuffle=True, drop_last=len(data.train) > cfg.batch_size,
+                           generator=generator, **common)
     val = DataLoader(data.val, cfg.eval_batch_size, **common)
     test = DataLoader(data.test, cfg.eval_batch_size, **common)
     return train, val, test

@@ -8,24 +8,34 @@ from .registry import ConfigError
 
 
 class FeatureHooks:
-    """Keeps the outputs of named modules from the last forward pass; the models themselves stay untouched."""
+    """While active (a `with` block), records the outputs of named modules with forward hooks.
 
-    def __init__(self, model, names, key):
+    Hooks exist only inside the block, so the same teacher or student used elsewhere (its own training,
+    evaluation, latency measurement) runs unhooked, and no activation outlives the step that made it.
+    """
+
+    def __init__(self, model, names, keys):
         modules = dict(model.named_modules())
-        self.outputs, self.handles = {}, []
-        for name, k in zip(names, key):
+        for name, key in zip(names, keys):
             if name not in modules:
-                raise ConfigError(k, f"no layer '{name}' in this model; layers: {layer_names(model)}")
-            self.handles.append(modules[name].register_forward_hook(self._keep(name)))
+                raise ConfigError(key, f"no layer '{name}' in this model; layers: {layer_names(model)}")
+        self.modules = {name: modules[name] for name in names}
+        self.outputs, self.handles = {}, []
 
     def _keep(self, name):
         def hook(module, inputs, output):
             self.outputs[name] = output
         return hook
 
-    def pop(self):
-        outputs, self.outputs = self.outputs, {}
-        return outputs
+    def __enter__(self):
+        self.outputs = {}
+        self.handles = [m.register_forward_hook(self._keep(n)) for n, m in self.modules.items()]
+        return self.outputs
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
 
 
 def layer_names(model, depth=2):
@@ -47,10 +57,9 @@ class Distiller(nn.Module):
         self.features = nn.ModuleList(method for method, *_ in features)
         self.pairs = [(s, t, w) for _, s, t, w in features]
         self.label_smoothing = label_smoothing
-        self.student_hooks = self.teacher_hooks = None
-        if self.pairs:
-            self.student_hooks = FeatureHooks(student, [s for s, _, _ in self.pairs], [""] * len(self.pairs))
-            self.teacher_hooks = FeatureHooks(teacher, [t for _, t, _ in self.pairs], [""] * len(self.pairs))
+        keys = [f"features[{j}]" for j in range(len(self.pairs))]
+        self.student_hooks = FeatureHooks(student, [s for s, _, _ in self.pairs], keys)
+        self.teacher_hooks = FeatureHooks(teacher, [t for _, t, _ in self.pairs], keys) if teacher else None
 
     @classmethod
     def build(cls, stage, student, teacher, sample, label_smoothing, key):
@@ -64,12 +73,9 @@ class Distiller(nn.Module):
             s_hooks = FeatureHooks(student, [f.student for f in stage.features], [f"{k}.student" for k in keys])
             t_hooks = FeatureHooks(teacher, [f.teacher for f in stage.features], [f"{k}.teacher" for k in keys])
             was_training = student.training
-            with torch.no_grad():
+            with torch.no_grad(), s_hooks as s_out, t_hooks as t_out:
                 student.eval()(sample), teacher.eval()(sample)
             student.train(was_training)
-            s_out, t_out = s_hooks.pop(), t_hooks.pop()
-            for h in s_hooks.handles + t_hooks.handles:
-                h.remove()
             for f, k in zip(stage.features, keys):
                 method = FEATURE_LOSSES.build(f.name, k, dict(f.params), student_shape=tuple(s_out[f.student].shape[1:]),
                                               teacher_shape=tuple(t_out[f.teacher].shape[1:]))
@@ -87,20 +93,19 @@ class Distiller(nn.Module):
         return nn.ModuleDict({"student": self.student, "logit": self.logit or nn.Identity(), "features": self.features})
 
     def forward(self, x, y):
-        logits = self.student(x)
+        with self.student_hooks as s_out:
+            logits = self.student(x)
         ce = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
         terms = {"ce": ce}
         loss = ce
         if self.teacher is not None:
-            with torch.no_grad():
+            with torch.no_grad(), self.teacher_hooks as t_out:
                 t_logits = self.teacher(x)
             if self.logit is not None:
                 terms["logit"] = self.logit(logits, t_logits)
                 loss = self.logit.ce_weight * ce + terms["logit"]
-            if self.pairs:
-                s_out, t_out = self.student_hooks.pop(), self.teacher_hooks.pop()
-                for j, (method, (s, t, w)) in enumerate(zip(self.features, self.pairs)):
-                    terms[f"feat{j}"] = method(s_out[s], t_out[t])
-                    loss = loss + w * terms[f"feat{j}"]
+            for j, (method, (s, t, w)) in enumerate(zip(self.features, self.pairs)):
+                terms[f"feat{j}"] = method(s_out[s], t_out[t])
+                loss = loss + w * terms[f"feat{j}"]
         terms["loss"] = loss
         return logits, terms

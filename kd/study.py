@@ -10,7 +10,7 @@ import yaml
 
 from .config import to_dict
 from .data import build_data, make_loaders, sample_batch
-from .device import resolve_device
+from .device import barrier, init_distributed, resolve_device
 from .distiller import Distiller
 from .evaluate import accuracy, profile
 from .models import count_parameters, create_model, load_weights
@@ -41,7 +41,11 @@ def load_model_file(model, path):
 class Study:
     def __init__(self, cfg, resume=False):
         self.cfg, self.resume = cfg, resume
+        self.rank, self.world = init_distributed()
+        self.main = self.rank == 0  # under torchrun only rank 0 writes files and measures inference
         self.device = resolve_device(cfg.device)
+        if cfg.data.batch_size % self.world:
+            raise ConfigError("data.batch_size", f"{cfg.data.batch_size} does not split evenly over {self.world} processes")
         for key, train_cfg in (("teacher.train.amp", cfg.teacher.train), ("train.amp", cfg.train)):
             if train_cfg.amp == "fp16" and self.device.type != "cuda":
                 raise ConfigError(key, "fp16 needs a CUDA device; use bf16 or off on a CPU")
@@ -50,7 +54,11 @@ class Study:
             torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = not cfg.deterministic
         self.run_dir = cfg.run_dir
+        if not self.main:
+            barrier()  # rank 0 downloads or unpacks the data first
         self.data = build_data(cfg.data)
+        if self.main:
+            barrier()
         self.sample = sample_batch(self.data)
         self.image_shape = tuple(self.sample.shape[1:])
         # Build every model and method now, so a bad layer name fails before hours of teacher training.
@@ -70,13 +78,15 @@ class Study:
                             self.data.image_size)
 
     def run(self):
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
         results = {"teacher": self.obtain_teacher()}
-        self.teacher.to(self.device)
+        self.teacher.to(self.device).requires_grad_(False)
         for stage in self.cfg.stages:
             results[stage.name] = self.train_student(stage)
-        return write_report(self.run_dir, self.cfg, self.data, self.device, self.profile_all(results))
+        if self.main:
+            return write_report(self.run_dir, self.cfg, self.data, self.device, self.profile_all(results))
 
     def obtain_teacher(self):
         """Load the configured teacher checkpoint, or train the teacher and save it there for later studies."""
@@ -88,8 +98,10 @@ class Study:
             key = fingerprint(self.data_key, to_dict(tcfg), self.cfg.seed)
             info = self.fit("teacher", Distiller(self.teacher, label_smoothing=tcfg.train.label_smoothing),
                             tcfg.train, key)
-            save_atomic({"model": self.teacher.state_dict(), "name": tcfg.name, "train": info}, path)
-            print(f"[teacher] saved {path}")
+            if self.main:
+                save_atomic({"model": self.teacher.state_dict(), "name": tcfg.name, "train": info}, path)
+                print(f"[teacher] saved {path}")
+            barrier()
         print(f"[teacher] loading {path}")
         try:
             ckpt = load_model_file(self.teacher, path)
@@ -147,13 +159,15 @@ class Study:
         test = accuracy(model, test_loader, self.device)
         result = {"fingerprint": key, **info, "val_top1": val["top1"], "test_top1": test["top1"],
                   "test_top5": test["top5"], "test_loss": test["loss"]}
-        (self.run_dir / name).mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.run_dir / name / "result.json", json.dumps(result, indent=2) + "\n")
-        print(f"[{name}] test top-1 {test['top1']:.4f}, top-5 {test['top5']:.4f}")
+        if self.main:
+            (self.run_dir / name).mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.run_dir / name / "result.json", json.dumps(result, indent=2) + "\n")
+            print(f"[{name}] test top-1 {test['top1']:.4f}, top-5 {test['top5']:.4f}")
         return result
 
     def loaders(self):
-        return make_loaders(self.data, self.cfg.data, self.device, torch.Generator())
+        return make_loaders(self.data, self.cfg.data, self.device, torch.Generator(), self.cfg.seed, self.rank,
+                            self.world)
 
     def profile_all(self, results):
         """Teacher and students measured in one process, one after another, on the same inputs and settings."""

@@ -8,11 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .device import autocast
+from .device import autocast, barrier
 from .evaluate import accuracy
 from .registry import KDError
+
+
+SYNC_EVERY = 50
 
 
 def make_optimizer(params, cfg):
@@ -78,6 +83,10 @@ class Trainer:
 
     def __init__(self, distiller, cfg, loaders, device, out_dir, seed, fingerprint, name):
         self.distiller, self.cfg, self.device, self.name = distiller, cfg, device, name
+        self.main = not dist.is_initialized() or dist.get_rank() == 0  # the one process that writes files
+        self.model = distiller
+        if dist.is_initialized():  # gradients of the student and the methods' modules are averaged across processes
+            self.model = DistributedDataParallel(distiller, device_ids=[device.index] if device.type == "cuda" else None)
         self.train_loader, self.val_loader = loaders
         self.out_dir, self.fingerprint = Path(out_dir), fingerprint
         self.generator = self.train_loader.generator
@@ -117,33 +126,40 @@ class Trainer:
         """Train the remaining epochs; return the best validation result and the mean training throughput."""
         if self.epoch == 0 and self.cfg.epochs == 0:
             self.best = {"val_top1": self.validate()["top1"], "epoch": 0}
-            save_atomic({"model": self.distiller.student.state_dict()}, self.out_dir / "best.pt")
+            self.save_best()
         while self.epoch < self.cfg.epochs:
             train = self.train_epoch()
             val = self.validate()
             self.epoch += 1
             if val["top1"] > self.best["val_top1"]:
                 self.best = {"val_top1": val["top1"], "epoch": self.epoch}
-                save_atomic({"model": self.distiller.student.state_dict()}, self.out_dir / "best.pt")
+                self.save_best()
             self.log({"epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"], **train,
                       **{f"val_{k}": v for k, v in val.items()}})
-            save_atomic(self.state(), self.last_path)
+            if self.main:
+                save_atomic(self.state(), self.last_path)
+        barrier()  # every process reads best.pt next
         return self.best
 
+    def save_best(self):
+        if self.main:
+            save_atomic({"model": self.distiller.student.state_dict()}, self.out_dir / "best.pt")
+
     def train_epoch(self):
+        """One pass over the training split. Running sums stay on the device and are read (a GPU sync) only
+        every `SYNC_EVERY` steps, for the progress bar and the finite-loss check."""
         self.distiller.train()
-        totals, seen, correct, start = {}, 0, 0, time.perf_counter()
+        if hasattr(self.train_loader.sampler, "set_epoch"):
+            self.train_loader.sampler.set_epoch(self.epoch)
+        sums, start = None, time.perf_counter()
         bar = tqdm(self.train_loader, desc=f"[{self.name}] epoch {self.epoch + 1}/{self.cfg.epochs}",
-                   leave=False, dynamic_ncols=True, disable=None)
-        for x, y in bar:
+                   leave=False, dynamic_ncols=True, disable=None if self.main else True)
+        for step, (x, y) in enumerate(bar, 1):
             x = x.to(self.device, non_blocking=True, memory_format=self.memory_format)
             y = y.to(self.device, non_blocking=True)
             with autocast(self.device, self.cfg.amp):
-                logits, terms = self.distiller(x, y)
+                logits, terms = self.model(x, y)
             loss = terms["loss"]
-            if not torch.isfinite(loss):
-                raise KDError(f"[{self.name}] loss became {loss.item()} at epoch {self.epoch + 1}; "
-                              "lower the learning rate or enable train.grad_clip")
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if self.cfg.grad_clip:
@@ -153,14 +169,21 @@ class Trainer:
             self.scaler.update()
             self.scheduler.step()
             n = y.numel()
-            seen += n
-            correct += (logits.argmax(1) == y).sum().item()
-            for k, v in terms.items():
-                totals[k] = totals.get(k, 0.0) + v.item() * n
-            bar.set_postfix(loss=f"{totals['loss'] / seen:.3f}", acc=f"{correct / seen:.3f}",
-                            img_s=f"{seen / (time.perf_counter() - start):.0f}")
+            batch = torch.stack([torch.tensor(float(n), device=self.device), (logits.argmax(1) == y).sum().float(),
+                                 *(v.detach().float() * n for v in terms.values())])
+            sums = batch if sums is None else sums + batch
+            if step % SYNC_EVERY == 0 or step == len(self.train_loader):
+                seen, correct, total_loss = sums[0].item(), sums[1].item(), sums[2 + list(terms).index("loss")].item()
+                if not math.isfinite(total_loss):
+                    raise KDError(f"[{self.name}] the loss became {total_loss / seen} in epoch {self.epoch + 1}; "
+                                  "lower the learning rate or set train.grad_clip")
+                bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}",
+                                img_s=f"{seen / (time.perf_counter() - start):.0f}")
+        if dist.is_initialized():
+            dist.all_reduce(sums)
         elapsed = time.perf_counter() - start
-        return {**{f"train_{k}": v / seen for k, v in totals.items()}, "train_top1": correct / seen,
+        seen, correct, *totals = sums.tolist()
+        return {**{f"train_{k}": v / seen for k, v in zip(terms, totals)}, "train_top1": correct / seen,
                 "train_images_per_s": seen / elapsed, "epoch_seconds": elapsed}
 
     def validate(self):
@@ -169,6 +192,8 @@ class Trainer:
     def log(self, row):
         """Rewrite the CSV from the checkpointed history, so a resumed run never repeats or loses a row."""
         self.history.append(row)
+        if not self.main:
+            return
         tmp = self.out_dir / "metrics.csv.tmp"
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(row))

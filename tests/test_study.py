@@ -46,6 +46,18 @@ def test_cli_smoke_study_writes_reports_and_reuses_finished_stages(smoke_config)
     assert (run_dir / "kd" / "best.pt").stat().st_mtime_ns == mtime
 
 
+def test_torchrun_with_two_processes_trains_and_reports(smoke_config):
+    cfg = smoke_config(stages=[{"name": "kd_fitnets", "logit": {"name": "kd"},
+                                "features": [{"name": "fitnets", "student": "stages.1", "teacher": "layer2"}]}])
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "run.py"), "--config", str(cfg), "--device", "cpu"],
+                          capture_output=True, text=True, cwd=cfg.parent, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = (cfg.parent / "runs" / "smoke" / "kd_fitnets" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 3  # header + 2 epochs, written once (by rank 0)
+    assert set(report_of(cfg)["models"]) == {"teacher", "kd_fitnets"}
+
+
 def test_finished_stage_is_not_overwritten_by_a_changed_config(smoke_config, capsys):
     cfg = smoke_config(stages=[{"name": "baseline"}])
     assert run.main(["--config", str(cfg), "--device", "cpu"]) == 0
