@@ -56,8 +56,8 @@ def _missing(name, root, expected, error):
 def cifar10(cfg):
     train_tf, eval_tf = small_image_transforms(cfg, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
     try:
-        make = lambda train, tf: torchvision.datasets.CIFAR10(cfg.root, train=train, transform=tf, download=cfg.download)
-        train, test = make(True, train_tf), make(False, eval_tf)
+        train, test = (torchvision.datasets.CIFAR10(cfg.root, train=t, transform=tf, download=cfg.download)
+                       for t, tf in ((True, train_tf), (False, eval_tf)))
     except (RuntimeError, OSError) as e:
         raise _missing("CIFAR-10", cfg.root, "the extracted python batches (cifar-10-batches-py/)", e) from None
     plain = torchvision.datasets.CIFAR10(cfg.root, train=True, transform=eval_tf)
@@ -81,9 +81,8 @@ def fashion_mnist(cfg):
     stage_debian_fashion_mnist(Path(cfg.root) / "FashionMNIST" / "raw")
     train_tf, eval_tf = small_image_transforms(cfg, 28, (0.2860,), (0.3530,))
     try:
-        make = lambda train, tf: torchvision.datasets.FashionMNIST(cfg.root, train=train, transform=tf,
-                                                                   download=cfg.download)
-        train, test = make(True, train_tf), make(False, eval_tf)
+        train, test = (torchvision.datasets.FashionMNIST(cfg.root, train=t, transform=tf, download=cfg.download)
+                       for t, tf in ((True, train_tf), (False, eval_tf)))
     except (RuntimeError, OSError) as e:
         raise _missing("Fashion-MNIST", cfg.root, "the IDX files (FashionMNIST/raw/, or apt-get install "
                        "dataset-fashion-mnist)", e) from None
@@ -117,8 +116,9 @@ def fake(cfg):
     """torchvision's FakeData (random images and labels): exercises the whole pipeline with no files at all."""
     shape = (3, cfg.image_size, cfg.image_size)
     train_tf, eval_tf = small_image_transforms(cfg, cfg.image_size, (0.5,) * 3, (0.25,) * 3)
-    make = lambda size, tf, offset: torchvision.datasets.FakeData(size, shape, 10, tf, random_offset=offset)
-    return Splits(make(1000, train_tf, 0), make(1000, eval_tf, 0), make(500, eval_tf, 10_000), 10, 3, cfg.image_size)
+    train, plain, test = (torchvision.datasets.FakeData(size, shape, 10, tf, random_offset=offset)
+                          for size, tf, offset in ((1000, train_tf, 0), (1000, eval_tf, 0), (500, eval_tf, 10_000)))
+    return Splits(train, plain, test, 10, 3, cfg.image_size)
 
 
 def build_data(cfg):
