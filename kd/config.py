@@ -1,5 +1,6 @@
 """Typed study configuration: YAML -> dataclasses, validated before any work starts."""
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -7,6 +8,24 @@ from pathlib import Path
 import yaml
 
 from .registry import ConfigError, KDError, coerce, did_you_mean
+
+
+class YAMLLoader(yaml.SafeLoader):
+    """YAML 1.2 booleans and floats: only true/false are booleans, so `amp: off` or `--set cache.mode=off` stay
+    the string 'off', and `lr: 1e-3` is a number (PyYAML's YAML 1.1 rules read it as a string)."""
+
+
+YAMLLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+YAMLLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
+YAMLLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                                 list("-+0123456789."))
+
+
+def load_yaml(text):
+    return yaml.load(text, Loader=YAMLLoader)
 
 
 @dataclass
@@ -31,6 +50,7 @@ class DataConfig:
     batch_size: int = 128
     eval_batch_size: int = 512
     num_workers: int = 2
+    pipeline: str = "auto"  # tensor: in-memory uint8 tensor, batched augmentation on the device; loader: DataLoader
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self, key):
@@ -42,6 +62,7 @@ class DataConfig:
         _check(self.batch_size >= 1, f"{key}.batch_size", "must be >= 1", self.batch_size)
         _check(self.eval_batch_size >= 1, f"{key}.eval_batch_size", "must be >= 1", self.eval_batch_size)
         _check(self.num_workers >= 0, f"{key}.num_workers", "must be >= 0", self.num_workers)
+        _choice(self.pipeline, ("auto", "tensor", "loader"), f"{key}.pipeline")
         self.augment.validate(f"{key}.augment")
 
 
@@ -120,6 +141,22 @@ class StageConfig:
 
 
 @dataclass
+class CacheConfig:
+    """Teacher outputs computed once per (view, image) and replayed, instead of a teacher pass every step."""
+    mode: str = "off"  # off | logits | logits+features (the teacher layers that feature methods match)
+    views: int = 4  # augmented views per image; student epoch e replays view e mod views
+    dir: str = "cache"
+    topk: int | None = None  # keep only the k largest logits per image (for many classes, as ImageNet's 1000)
+    batch_size: int = 1024  # teacher batch while building
+
+    def validate(self, key):
+        _choice(self.mode, ("off", "logits", "logits+features"), f"{key}.mode")
+        _check(self.views >= 1, f"{key}.views", "must be >= 1", self.views)
+        _check(self.topk is None or self.topk >= 1, f"{key}.topk", "must be >= 1 or null", self.topk)
+        _check(self.batch_size >= 1, f"{key}.batch_size", "must be >= 1", self.batch_size)
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = 256  # batch for throughput and memory; latency is also measured at batch 1
     warmup: int = 5
@@ -143,6 +180,7 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
@@ -157,6 +195,7 @@ class Config:
         self.teacher.train.validate("teacher.train")
         self.train.validate("train")
         self.eval.validate("eval")
+        self.cache.validate("cache")
         _check(len(self.stages) > 0, "stages", "must list at least one student stage", self.stages)
         names = [s.name for s in self.stages]
         for i, s in enumerate(self.stages):
@@ -221,7 +260,7 @@ def apply_override(raw, assignment):
     if not sep or not path:
         raise ConfigError("--set", f"expected key=value, got {assignment!r}")
     try:
-        value = yaml.safe_load(text) if text else None
+        value = load_yaml(text) if text else None
     except yaml.YAMLError:
         raise ConfigError(f"--set {path}", f"value is not valid YAML: {text!r}") from None
     node, parts = raw, path.split(".")
@@ -252,7 +291,7 @@ def _child(node, part, path, create):
 def load_config(path, overrides=()):
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = load_yaml(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise KDError(f"{path}: cannot read config ({e.strerror})") from None
     except UnicodeDecodeError:

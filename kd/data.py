@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import transforms as T
 
 from .registry import ConfigError, Registry
+from .tensor_data import TensorLoader, from_subset
 
 DATASETS = Registry("dataset")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
@@ -18,23 +19,28 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian packa
 @dataclass
 class Splits:
     """What a dataset constructor returns: the training images twice (augmented, and plain for the held-out
-    validation part), the test split, and the shape facts models are built from."""
+    validation part), the test split, the shape facts models are built from, and the normalisation."""
     train: Dataset
     train_plain: Dataset
     test: Dataset
     num_classes: int
     in_channels: int
     image_size: int
+    mean: tuple
+    std: tuple
 
 
 @dataclass
 class Data:
-    train: Dataset
-    val: Dataset
-    test: Dataset
+    train: Subset
+    val: Subset
+    test: Subset
     num_classes: int
     in_channels: int
     image_size: int
+    mean: tuple
+    std: tuple
+    tensors: dict | None = None  # split -> (uint8 images, labels) when the tensor pipeline is used
 
 
 def small_image_transforms(cfg, size, mean, std):
@@ -54,14 +60,15 @@ def _missing(name, root, expected, error):
 
 @DATASETS.register("cifar10")
 def cifar10(cfg):
-    train_tf, eval_tf = small_image_transforms(cfg, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    train_tf, eval_tf = small_image_transforms(cfg, 32, mean, std)
     try:
         train, test = (torchvision.datasets.CIFAR10(cfg.root, train=t, transform=tf, download=cfg.download)
                        for t, tf in ((True, train_tf), (False, eval_tf)))
     except (RuntimeError, OSError) as e:
         raise _missing("CIFAR-10", cfg.root, "the extracted python batches (cifar-10-batches-py/)", e) from None
     plain = torchvision.datasets.CIFAR10(cfg.root, train=True, transform=eval_tf)
-    return Splits(train, plain, test, 10, 3, 32)
+    return Splits(train, plain, test, 10, 3, 32, mean, std)
 
 
 def stage_debian_fashion_mnist(raw_folder):
@@ -79,7 +86,8 @@ def stage_debian_fashion_mnist(raw_folder):
 @DATASETS.register("fashion_mnist")
 def fashion_mnist(cfg):
     stage_debian_fashion_mnist(Path(cfg.root) / "FashionMNIST" / "raw")
-    train_tf, eval_tf = small_image_transforms(cfg, 28, (0.2860,), (0.3530,))
+    mean, std = (0.2860,), (0.3530,)
+    train_tf, eval_tf = small_image_transforms(cfg, 28, mean, std)
     try:
         train, test = (torchvision.datasets.FashionMNIST(cfg.root, train=t, transform=tf, download=cfg.download)
                        for t, tf in ((True, train_tf), (False, eval_tf)))
@@ -87,14 +95,14 @@ def fashion_mnist(cfg):
         raise _missing("Fashion-MNIST", cfg.root, "the IDX files (FashionMNIST/raw/, or apt-get install "
                        "dataset-fashion-mnist)", e) from None
     plain = torchvision.datasets.FashionMNIST(cfg.root, train=True, transform=eval_tf)
-    return Splits(train, plain, test, 10, 1, 28)
+    return Splits(train, plain, test, 10, 1, 28, mean, std)
 
 
 @DATASETS.register("imagenet")
 def imagenet(cfg):
     """ImageNet-style folders: root/train/<class>/*.jpg and root/val/<class>/*.jpg (val is the test split)."""
-    size = cfg.image_size
-    norm = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    size, mean, std = cfg.image_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    norm = T.Normalize(mean, std)
     train_tf = T.Compose([T.RandomResizedCrop(size)] + ([T.RandomHorizontalFlip()] if cfg.augment.hflip else [])
                          + [T.ToTensor(), norm])
     eval_tf = T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), norm])
@@ -108,21 +116,22 @@ def imagenet(cfg):
     if train.classes != test.classes:
         raise ConfigError("data.root", f"{root}/train and {root}/val have different class folders")
     plain = torchvision.datasets.ImageFolder(root / "train", transform=eval_tf)
-    return Splits(train, plain, test, len(train.classes), 3, size)
+    return Splits(train, plain, test, len(train.classes), 3, size, mean, std)
 
 
 @DATASETS.register("fake")
 def fake(cfg):
     """torchvision's FakeData (random images and labels): exercises the whole pipeline with no files at all."""
-    shape = (3, cfg.image_size, cfg.image_size)
-    train_tf, eval_tf = small_image_transforms(cfg, cfg.image_size, (0.5,) * 3, (0.25,) * 3)
+    shape, mean, std = (3, cfg.image_size, cfg.image_size), (0.5,) * 3, (0.25,) * 3
+    train_tf, eval_tf = small_image_transforms(cfg, cfg.image_size, mean, std)
     train, plain, test = (torchvision.datasets.FakeData(size, shape, 10, tf, random_offset=offset)
                           for size, tf, offset in ((1000, train_tf, 0), (1000, eval_tf, 0), (500, eval_tf, 10_000)))
-    return Splits(train, plain, test, 10, 3, cfg.image_size)
+    return Splits(train, plain, test, 10, 3, cfg.image_size, mean, std)
 
 
-def build_data(cfg):
-    """Hold out `val_size` training images (fixed by split_seed) for checkpoint selection."""
+def build_data(cfg, distributed=False):
+    """Hold out `val_size` training images (fixed by split_seed) for checkpoint selection; for the tensor
+    pipeline, gather each split into one uint8 tensor."""
     s = DATASETS.get(cfg.dataset, "data.dataset")(cfg)
     n = len(s.train)
     if cfg.val_size >= n:
@@ -131,17 +140,38 @@ def build_data(cfg):
     val_idx, train_idx = order[:cfg.val_size], order[cfg.val_size:]
     if cfg.train_subset:
         train_idx = train_idx[:cfg.train_subset]
-    test = s.test
-    if cfg.test_subset and cfg.test_subset < len(test):
-        test = Subset(test, range(cfg.test_subset))
-    return Data(Subset(s.train, train_idx), Subset(s.train_plain, val_idx), test,
-                s.num_classes, s.in_channels, s.image_size)
+    test = Subset(s.test, range(min(cfg.test_subset or len(s.test), len(s.test))))
+    data = Data(Subset(s.train, train_idx), Subset(s.train_plain, val_idx), test,
+                s.num_classes, s.in_channels, s.image_size, s.mean, s.std)
+    if pipeline(cfg, s.train, distributed) == "tensor":
+        data.tensors = {name: from_subset(getattr(data, name)) for name in ("train", "val", "test")}
+    return data
 
 
-def make_loaders(data, cfg, device, generator, seed=0, rank=0, world=1):
-    """The training loader draws its order (and its workers' augmentation seeds) from `generator`, so a resumed
-    run that restores the generator's state sees the same batches. Under torchrun each of the `world`
-    processes takes its share of every epoch and of `batch_size`."""
+def pipeline(cfg, dataset, distributed):
+    """`auto` takes the tensor pipeline for datasets held in memory, in a single process."""
+    in_memory = hasattr(dataset, "data")
+    if cfg.pipeline == "tensor" and not in_memory:
+        raise ConfigError("data.pipeline", f"'{cfg.dataset}' is not held in memory; use pipeline: loader or auto")
+    if cfg.pipeline == "tensor" and distributed:
+        raise ConfigError("data.pipeline", "the tensor pipeline runs in one process; use pipeline: loader or "
+                                           "auto under torchrun")
+    return "tensor" if cfg.pipeline == "tensor" or (cfg.pipeline == "auto" and in_memory and not distributed) \
+        else "loader"
+
+
+def make_loaders(data, cfg, device, generator, seed=0, rank=0, world=1, views=None):
+    """Tensor pipeline: order and augmentation are functions of (seed, epoch) and (seed, view, index), and
+    `views` cycles the augmentations as the teacher cache recorded them. DataLoader: order (and workers'
+    augmentation seeds) come from `generator`, so a resumed run that restores its state sees the same batches;
+    under torchrun each of the `world` processes takes its share of every epoch and of `batch_size`."""
+    if data.tensors:
+        drop = len(data.train) > cfg.batch_size
+        train = TensorLoader(*data.tensors["train"], cfg.batch_size, shuffle=True, drop_last=drop, seed=seed,
+                             augment_cfg=cfg.augment, mean=data.mean, std=data.std, device=device, views=views)
+        return (train, *(TensorLoader(*data.tensors[split], cfg.eval_batch_size, shuffle=False, drop_last=False,
+                                      seed=seed, mean=data.mean, std=data.std, device=device)
+                         for split in ("val", "test")))
     pin = device.type == "cuda"
     common = dict(num_workers=cfg.num_workers, pin_memory=pin, persistent_workers=False)
     if world > 1:

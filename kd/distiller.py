@@ -92,20 +92,22 @@ class Distiller(nn.Module):
         """What the optimizer trains and a checkpoint saves: the student plus the methods' own modules."""
         return nn.ModuleDict({"student": self.student, "logit": self.logit or nn.Identity(), "features": self.features})
 
-    def forward(self, x, y):
+    def forward(self, x, y, teacher_out=None):
+        """`teacher_out` ({"logits", "features"} from the teacher cache) replaces the teacher's forward pass."""
         with self.student_hooks as s_out:
             logits = self.student(x)
         ce = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
         terms = {"ce": ce}
         loss = ce
         if self.teacher is not None:
-            with torch.no_grad(), self.teacher_hooks as t_out:
-                t_logits = self.teacher(x)
+            if teacher_out is None:
+                with torch.no_grad(), self.teacher_hooks as t_out:
+                    teacher_out = {"logits": self.teacher(x), "features": t_out}
             if self.logit is not None:
-                terms["logit"] = self.logit(logits, t_logits)
+                terms["logit"] = self.logit(logits, teacher_out["logits"])
                 loss = self.logit.ce_weight * ce + terms["logit"]
             for j, (method, (s, t, w)) in enumerate(zip(self.features, self.pairs)):
-                terms[f"feat{j}"] = method(s_out[s], t_out[t])
+                terms[f"feat{j}"] = method(s_out[s], teacher_out["features"][t])
                 loss = loss + w * terms[f"feat{j}"]
         terms["loss"] = loss
         return logits, terms

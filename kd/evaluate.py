@@ -17,7 +17,7 @@ def accuracy(model, loader, device, amp="off", memory_format=torch.preserve_form
     """Top-1, top-5 and mean cross-entropy over a loader."""
     model.eval()
     top1 = top5 = loss = n = 0
-    for x, y in loader:
+    for x, y, *_ in loader:  # the tensor pipeline also yields sample indices
         x, y = x.to(device, non_blocking=True, memory_format=memory_format), y.to(device, non_blocking=True)
         with autocast(device, amp):
             logits = model(x).float()

@@ -8,10 +8,11 @@ from pathlib import Path
 import torch
 import yaml
 
+from .cache import FORMAT as CACHE_FORMAT, TeacherCache
 from .config import to_dict
 from .data import build_data, make_loaders, sample_batch
 from .device import barrier, init_distributed, resolve_device
-from .distiller import Distiller
+from .distiller import Distiller, FeatureHooks
 from .evaluate import accuracy, profile
 from .models import count_parameters, create_model, load_weights
 from .registry import ConfigError, KDError
@@ -56,9 +57,15 @@ class Study:
         self.run_dir = cfg.run_dir
         if not self.main:
             barrier()  # rank 0 downloads or unpacks the data first
-        self.data = build_data(cfg.data)
+        self.data = build_data(cfg.data, distributed=self.world > 1)
         if self.main:
             barrier()
+        if self.data.tensors:  # moved to the training device once, for every loader of the study
+            self.data.tensors = {k: (x.to(self.device), y.to(self.device)) for k, (x, y) in self.data.tensors.items()}
+        elif cfg.cache.mode != "off":
+            raise ConfigError("cache.mode", "the teacher cache replays the tensor pipeline's augmentations; it needs "
+                                            "an in-memory dataset (cifar10, fashion_mnist) in one process")
+        self._cache = None
         self.sample = sample_batch(self.data)
         self.image_shape = tuple(self.sample.shape[1:])
         # Build every model and method now, so a bad layer name fails before hours of teacher training.
@@ -67,8 +74,9 @@ class Study:
                                                    cfg.train.label_smoothing, f"stages[{i}]")
                            for i, s in enumerate(cfg.stages)}
         # Data settings that change what a model learns; paths, workers and eval batch do not.
-        self.data_key = {k: v for k, v in to_dict(cfg.data).items()
-                         if k not in ("root", "download", "num_workers", "eval_batch_size")}
+        self.data_key = {**{k: v for k, v in to_dict(cfg.data).items()
+                            if k not in ("root", "download", "num_workers", "eval_batch_size", "pipeline")},
+                         "pipeline": "tensor" if self.data.tensors else "loader"}
 
     def new_model(self, model_cfg, key):
         """Seeded per model: a stage's initial weights (and its connectors', built next) do not depend on how
@@ -113,13 +121,16 @@ class Study:
             "teacher", self.teacher, key, {**ckpt.get("train", {}), "checkpoint": str(path)})
 
     def train_student(self, stage):
+        replay = self.uses_cache(stage)
+        cache_key = {k: v for k, v in to_dict(self.cfg.cache).items() if k in ("views", "topk")} if replay else None
         key = fingerprint(self.data_key, to_dict(self.cfg.student), to_dict(self.cfg.train), to_dict(stage),
-                          self.cfg.seed, file_digest(self.cfg.teacher.checkpoint) if stage.uses_teacher else None)
+                          self.cfg.seed, file_digest(self.cfg.teacher.checkpoint) if stage.uses_teacher else None,
+                          cache_key)
         cached = self.cached_result(self.run_dir / stage.name, key)
         if cached:
             return cached
         distiller = self.distillers[stage.name]
-        info = self.fit(stage.name, distiller, self.cfg.train, key)
+        info = self.fit(stage.name, distiller, self.cfg.train, key, self.teacher_cache() if replay else None)
         info["checkpoint"] = str(self.run_dir / stage.name / "best.pt")
         return self.finish(stage.name, distiller.student, key, info)
 
@@ -135,11 +146,36 @@ class Study:
         print(f"[{stage_dir.name}] finished earlier; reusing {path}")
         return result
 
-    def fit(self, name, distiller, train_cfg, key):
+    def uses_cache(self, stage):
+        mode = self.cfg.cache.mode
+        return stage.uses_teacher and mode != "off" and (mode == "logits+features" or not stage.features)
+
+    def teacher_cache(self):
+        """Built (or found on disk) once, at the first stage that replays it; holds the teacher layers of every
+        stage's feature pairs, so all students of the study share it."""
+        if self._cache is None:
+            c, d = self.cfg.cache, self.data
+            layers = sorted({f.teacher for s in self.cfg.stages for f in s.features}) if c.mode == "logits+features" \
+                else []
+            with torch.no_grad(), FeatureHooks(self.teacher, layers, layers) as out:
+                self.teacher.eval()(self.sample.to(self.device))
+            shapes = {layer: tuple(out[layer].shape[1:]) for layer in layers}
+            images = d.tensors["train"][0]
+            key_parts = {"format": CACHE_FORMAT, "images": hashlib.sha256(images.cpu().numpy().tobytes()).hexdigest(),
+                         "teacher": file_digest(self.cfg.teacher.checkpoint), "augment": to_dict(self.cfg.data.augment),
+                         "normalize": [d.mean, d.std], "views": c.views, "seed": self.cfg.seed, "topk": c.topk,
+                         "features": shapes}
+            self._cache = TeacherCache.open_or_build(
+                c.dir, key_parts, self.teacher, images, (self.cfg.data.augment.crop_padding, self.cfg.data.augment.hflip),
+                (d.mean, d.std), self.cfg.seed, c.views, d.num_classes, c.topk, shapes, c.batch_size, self.device)
+        return self._cache
+
+    def fit(self, name, distiller, train_cfg, key, cache=None):
         """Train (or resume) one model; leaves its best validation weights loaded and returns training facts."""
         out_dir = self.run_dir / name
-        trainer = Trainer(distiller.to(self.device), train_cfg, self.loaders()[:2], self.device, out_dir,
-                          self.cfg.seed, key, name)
+        views = self.cfg.cache.views if cache else None
+        trainer = Trainer(distiller.to(self.device), train_cfg, self.loaders(views)[:2], self.device, out_dir,
+                          self.cfg.seed, key, name, cache)
         if trainer.last_path.exists():
             if not self.resume:
                 raise KDError(f"{trainer.last_path}: an unfinished run is there; pass --resume to continue it, "
@@ -165,9 +201,9 @@ class Study:
             print(f"[{name}] test top-1 {test['top1']:.4f}, top-5 {test['top5']:.4f}")
         return result
 
-    def loaders(self):
+    def loaders(self, views=None):
         return make_loaders(self.data, self.cfg.data, self.device, torch.Generator(), self.cfg.seed, self.rank,
-                            self.world)
+                            self.world, views)
 
     def profile_all(self, results):
         """Teacher and students measured in one process, one after another, on the same inputs and settings."""

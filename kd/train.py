@@ -46,8 +46,9 @@ def make_scheduler(optimizer, cfg, steps_per_epoch):
 
 
 def rng_state(generator):
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-             "loader": generator.get_state()}
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if generator is not None:
+        state["loader"] = generator.get_state()
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -57,7 +58,8 @@ def set_rng_state(state, generator):
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    generator.set_state(state["loader"])
+    if generator is not None:
+        generator.set_state(state["loader"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -81,15 +83,15 @@ class Trainer:
     """Trains `distiller.learnable()`; writes `last.pt` (everything needed to resume) every epoch, `best.pt`
     (student weights of the best validation epoch) and `metrics.csv`, all inside `out_dir`."""
 
-    def __init__(self, distiller, cfg, loaders, device, out_dir, seed, fingerprint, name):
-        self.distiller, self.cfg, self.device, self.name = distiller, cfg, device, name
+    def __init__(self, distiller, cfg, loaders, device, out_dir, seed, fingerprint, name, cache=None):
+        self.distiller, self.cfg, self.device, self.name, self.cache = distiller, cfg, device, name, cache
         self.main = not dist.is_initialized() or dist.get_rank() == 0  # the one process that writes files
         self.model = distiller
         if dist.is_initialized():  # gradients of the student and the methods' modules are averaged across processes
             self.model = DistributedDataParallel(distiller, device_ids=[device.index] if device.type == "cuda" else None)
         self.train_loader, self.val_loader = loaders
         self.out_dir, self.fingerprint = Path(out_dir), fingerprint
-        self.generator = self.train_loader.generator
+        self.generator = getattr(self.train_loader, "generator", None)  # the tensor pipeline needs none
         self.learnable = distiller.learnable()
         self.optimizer = make_optimizer([p for p in self.learnable.parameters() if p.requires_grad], cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg, len(self.train_loader))
@@ -97,7 +99,8 @@ class Trainer:
         self.memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
         self.epoch, self.best, self.history = 0, {"val_top1": -1.0, "epoch": 0}, []
         seed_everything(seed)
-        self.generator.manual_seed(seed)
+        if self.generator is not None:
+            self.generator.manual_seed(seed)
 
     @property
     def last_path(self):
@@ -149,16 +152,19 @@ class Trainer:
         """One pass over the training split. Running sums stay on the device and are read (a GPU sync) only
         every `SYNC_EVERY` steps, for the progress bar and the finite-loss check."""
         self.distiller.train()
-        if hasattr(self.train_loader.sampler, "set_epoch"):
-            self.train_loader.sampler.set_epoch(self.epoch)
+        # The tensor pipeline's order and view, or DistributedSampler's shard, are functions of the epoch.
+        for epoch_aware in (self.train_loader, getattr(self.train_loader, "sampler", None)):
+            if hasattr(epoch_aware, "set_epoch"):
+                epoch_aware.set_epoch(self.epoch)
         sums, start = None, time.perf_counter()
         bar = tqdm(self.train_loader, desc=f"[{self.name}] epoch {self.epoch + 1}/{self.cfg.epochs}",
                    leave=False, dynamic_ncols=True, disable=None if self.main else True)
-        for step, (x, y) in enumerate(bar, 1):
+        for step, (x, y, *idx) in enumerate(bar, 1):
             x = x.to(self.device, non_blocking=True, memory_format=self.memory_format)
             y = y.to(self.device, non_blocking=True)
+            teacher_out = self.cache.lookup(self.train_loader.view, idx[0]) if self.cache else None
             with autocast(self.device, self.cfg.amp):
-                logits, terms = self.model(x, y)
+                logits, terms = self.model(x, y, teacher_out)
             loss = terms["loss"]
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()

@@ -68,7 +68,7 @@ def test_method_parameters_sit_beside_the_name(tmp_path):
 
 
 @pytest.mark.parametrize("updates, expected", [
-    pytest.param({"trian": {"epochs": 1}}, "trian: unknown key (did you mean 'train'? choose from: data, ", id="top-typo"),
+    pytest.param({"trian": {"epochs": 1}}, "trian: unknown key (did you mean 'train'? choose from: cache, data, ", id="top-typo"),
     pytest.param({"train": {"lr_rate": 0.1}}, "train.lr_rate: unknown key (choose from: amp, ", id="nested-unknown"),
     pytest.param({"data": {"augment": {"hflips": False}}}, "data.augment.hflips: unknown key (did you mean 'hflip'?",
                  id="deep-typo"),

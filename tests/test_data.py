@@ -129,7 +129,7 @@ def test_cifar10_val_is_held_out_of_train(cifar):
     train, val = set(data.train.indices), set(data.val.indices)
     assert not train & val
     assert train | val == set(range(40))
-    assert data.train.dataset.train and data.val.dataset.train and not data.test.train
+    assert data.train.dataset.train and data.val.dataset.train and not data.test.dataset.train
 
 
 def test_cifar10_val_is_plain_and_train_is_augmented(cifar):
