@@ -108,6 +108,7 @@ class Study:
                             tcfg.train, key)
             if self.main:
                 save_atomic({"model": self.teacher.state_dict(), "name": tcfg.name, "train": info}, path)
+                (self.run_dir / "teacher" / "last.pt").unlink(missing_ok=True)  # later runs use the checkpoint
                 print(f"[teacher] saved {path}")
             barrier()
         print(f"[teacher] loading {path}")
@@ -117,7 +118,7 @@ class Study:
             raise ConfigError("teacher.checkpoint", f"{path} does not hold a '{tcfg.name}' for this data "
                               f"({str(e).splitlines()[0]}); point it elsewhere or delete it to retrain") from None
         key = fingerprint(self.data_key, file_digest(path))
-        return self.cached_result(self.run_dir / "teacher", key) or self.finish(
+        return self.cached_result(self.run_dir / "teacher", key, stale_ok=True) or self.finish(
             "teacher", self.teacher, key, {**ckpt.get("train", {}), "checkpoint": str(path)})
 
     def train_student(self, stage):
@@ -134,12 +135,15 @@ class Study:
         info["checkpoint"] = str(self.run_dir / stage.name / "best.pt")
         return self.finish(stage.name, distiller.student, key, info)
 
-    def cached_result(self, stage_dir, key):
-        """A finished stage is reused; one finished under another config is never overwritten."""
+    def cached_result(self, stage_dir, key, stale_ok=False):
+        """A finished stage is reused; one finished under another config is never overwritten. `stale_ok`: the
+        result only evaluates a checkpoint kept elsewhere (the teacher's), so it is simply measured again."""
         path = stage_dir / "result.json"
         if not path.exists():
             return None
         result = json.loads(path.read_text())
+        if result["fingerprint"] != key and stale_ok:
+            return None
         if result["fingerprint"] != key:
             raise KDError(f"{stage_dir}: finished under a different config (data, model, recipe, method or "
                           "teacher changed); rename the stage or the study, or delete that folder to retrain it")

@@ -1,0 +1,180 @@
+"""Teacher-output cache: replay equals the live teacher, and every change that alters outputs rebuilds it."""
+import copy
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import kd.cache
+import kd.data
+from kd.config import Config, from_dict
+from kd.distiller import FeatureHooks
+from kd.registry import KDError
+from kd.study import Study
+
+from test_data import idx_bytes
+
+BASE = {
+    "name": "c",
+    "data": {"dataset": "fashion_mnist", "download": False, "val_size": 16, "batch_size": 16, "eval_batch_size": 32,
+             "num_workers": 0, "augment": {"crop_padding": 2, "hflip": True}},
+    "teacher": {"name": "cnn", "kwargs": {"channels": [8, 16], "blocks": 1}, "train": {"epochs": 1}},
+    "student": {"name": "cnn", "kwargs": {"channels": [4, 8], "blocks": 1}},
+    "train": {"epochs": 2},
+    "cache": {"mode": "logits+features", "views": 2},
+    "stages": [{"name": "kdf", "logit": {"name": "kd"},
+                "features": [{"name": "fitnets", "student": "stages.1", "teacher": "stages.1"}]}],
+}
+
+
+def merge(base, changes):
+    out = copy.deepcopy(base)
+    for key, value in changes.items():
+        out[key] = merge(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+@pytest.fixture
+def make_study(tmp_path, monkeypatch):
+    """Studies on small Fashion-MNIST-format files; the teacher is trained once and saved in tmp_path."""
+    monkeypatch.setattr(kd.data, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-files")
+    raw = tmp_path / "data" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 80), ("t10k", 32)):
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(idx_bytes(rng.integers(0, 256, (n, 28, 28))))
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(idx_bytes(rng.integers(0, 10, n)))
+
+    def make(**changes):
+        paths = {"output_dir": str(tmp_path / "runs"), "data": {"root": str(tmp_path / "data")},
+                 "teacher": {"checkpoint": str(tmp_path / "teacher.pt")}, "cache": {"dir": str(tmp_path / "cache")}}
+        cfg = from_dict(Config, merge(merge(BASE, paths), changes))
+        cfg.validate()
+        study = Study(cfg, resume=False)
+        study.obtain_teacher()
+        study.teacher.requires_grad_(False)
+        return study
+    return make
+
+
+def live_teacher(study, x):
+    with torch.no_grad(), FeatureHooks(study.teacher, ["stages.1"], ["stages.1"]) as features:
+        logits = study.teacher.eval()(x)
+    return logits, features["stages.1"]
+
+
+def test_cached_outputs_are_the_teacher_outputs_of_the_replayed_batches(make_study):
+    study = make_study()
+    cache = study.teacher_cache()
+    loader = study.loaders(views=2)[0]
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        assert loader.view == epoch % 2
+        for x, _, idx in loader:
+            logits, feature = live_teacher(study, x)
+            out = cache.lookup(loader.view, idx)
+            assert torch.allclose(out["logits"], logits, rtol=1e-2, atol=1e-2)
+            assert torch.allclose(out["features"]["stages.1"], feature, rtol=1e-2, atol=1e-2)
+
+
+def test_other_view_would_not_match(make_study):
+    """The check above can fail: outputs recorded for another augmentation differ from the live teacher's."""
+    study = make_study()
+    cache = study.teacher_cache()
+    loader = study.loaders(views=2)[0]
+    loader.set_epoch(0)
+    x, _, idx = next(iter(loader))
+    assert not torch.allclose(cache.lookup(1, idx)["features"]["stages.1"], live_teacher(study, x)[1], atol=1e-2)
+
+
+def test_distillation_loss_from_cache_equals_live_teacher(make_study):
+    study = make_study()
+    cache, distiller = study.teacher_cache(), study.distillers["kdf"].train()
+    loader = study.loaders(views=2)[0]
+    loader.set_epoch(1)
+    x, y, idx = next(iter(loader))
+    torch.manual_seed(0)
+    _, live = distiller(x, y)
+    _, cached = distiller(x, y, cache.lookup(loader.view, idx))
+    assert set(live) == set(cached) == {"ce", "logit", "feat0", "loss"}
+    for term in live:
+        assert cached[term].item() == pytest.approx(live[term].item(), rel=1e-3, abs=1e-4), term
+
+
+def cache_folder(study):
+    return study.teacher_cache().folder
+
+
+def test_unchanged_settings_reuse_the_cache(make_study, capsys):
+    first = cache_folder(make_study())
+    assert "[cache] building" in capsys.readouterr().out
+    assert cache_folder(make_study()) == first
+    assert "[cache] reusing" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("changes", [
+    {"data": {"augment": {"crop_padding": 1}}},
+    {"data": {"augment": {"hflip": False}}},
+    {"cache": {"views": 3}},
+    {"seed": 1},
+    {"data": {"train_subset": 40}},
+    {"data": {"split_seed": 1}},
+], ids=["crop", "flip", "views", "seed", "subset", "split"])
+def test_changes_that_alter_teacher_outputs_rebuild(make_study, changes, capsys):
+    first = cache_folder(make_study())
+    capsys.readouterr()
+    assert cache_folder(make_study(**changes)) != first
+    assert "[cache] building" in capsys.readouterr().out
+
+
+def test_another_teacher_checkpoint_rebuilds(make_study, tmp_path):
+    first = cache_folder(make_study())
+    other = make_study(name="other", teacher={"checkpoint": str(tmp_path / "other.pt"), "train": {"lr": 0.01}})
+    assert cache_folder(other) != first
+
+
+def test_changed_data_files_rebuild(make_study, tmp_path):
+    first = cache_folder(make_study())
+    images = tmp_path / "data" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte"
+    content = bytearray(images.read_bytes())
+    content[-1] ^= 0xFF
+    images.write_bytes(bytes(content))
+    assert cache_folder(make_study()) != first
+
+
+def test_truncated_or_incomplete_cache_is_detected_and_rebuilt(make_study, capsys):
+    folder = cache_folder(make_study())
+    logits = folder / "logits.npy"
+    size = logits.stat().st_size
+    logits.write_bytes(logits.read_bytes()[:size // 2])
+    capsys.readouterr()
+    study = make_study()
+    assert cache_folder(study) == folder
+    out = capsys.readouterr().out
+    assert "truncated" in out and "[cache] building" in out
+    assert logits.stat().st_size == size
+    (folder / "manifest.json").unlink()
+    make_study().teacher_cache()
+    assert "incomplete" in capsys.readouterr().out and (folder / "manifest.json").exists()
+
+
+def test_cache_that_would_not_fit_is_refused(make_study, monkeypatch):
+    usage = shutil.disk_usage("/")
+    monkeypatch.setattr(kd.cache.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    with pytest.raises(KDError, match="cache.dir: the teacher cache needs .* GiB free"):
+        make_study().teacher_cache()
+
+
+def test_top_k_cache_keeps_the_largest_logits(make_study):
+    study = make_study(cache={"mode": "logits", "topk": 3})
+    cache = study.teacher_cache()
+    loader = study.loaders(views=2)[0]
+    loader.set_epoch(0)
+    x, _, idx = next(iter(loader))
+    logits = live_teacher(study, x)[0]
+    replay = cache.lookup(0, idx)["logits"]
+    top = logits.topk(3, dim=1).indices
+    assert torch.equal(replay.topk(3, dim=1).indices.sort(1).values, top.sort(1).values)
+    assert torch.allclose(replay.gather(1, top), logits.gather(1, top), rtol=1e-2, atol=1e-2)
+    assert (replay < -1000).sum(1).eq(logits.shape[1] - 3).all()
