@@ -3,6 +3,7 @@ import hashlib
 import json
 import os
 import pickle
+import statistics
 from pathlib import Path
 
 import torch
@@ -187,9 +188,9 @@ class Study:
             trainer.resume()
         best = trainer.fit()
         load_model_file(distiller.student, out_dir / "best.pt")
-        speeds = [row["train_images_per_s"] for row in trainer.history]
+        mean = lambda key: statistics.fmean(r[key] for r in trainer.history) if trainer.history else None
         return {"best_epoch": best["epoch"], "epochs": train_cfg.epochs,
-                "train_images_per_s": sum(speeds) / len(speeds) if speeds else None,
+                "train_images_per_s": mean("train_images_per_s"), "epoch_seconds": mean("epoch_seconds"),
                 "method_params": sum(count_parameters(m) for m in (distiller.features, distiller.logit) if m is not None)}
 
     def finish(self, name, model, key, info):

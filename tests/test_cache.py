@@ -36,8 +36,8 @@ def merge(base, changes):
 
 
 @pytest.fixture
-def make_study(tmp_path, monkeypatch):
-    """Studies on small Fashion-MNIST-format files; the teacher is trained once and saved in tmp_path."""
+def make_config(tmp_path, monkeypatch):
+    """Configs over small Fashion-MNIST-format files written in tmp_path (outputs there too)."""
     monkeypatch.setattr(kd.data, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-files")
     raw = tmp_path / "data" / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
@@ -49,7 +49,15 @@ def make_study(tmp_path, monkeypatch):
     def make(**changes):
         paths = {"output_dir": str(tmp_path / "runs"), "data": {"root": str(tmp_path / "data")},
                  "teacher": {"checkpoint": str(tmp_path / "teacher.pt")}, "cache": {"dir": str(tmp_path / "cache")}}
-        cfg = from_dict(Config, merge(merge(BASE, paths), changes))
+        return merge(merge(BASE, paths), changes)
+    return make
+
+
+@pytest.fixture
+def make_study(make_config):
+    """Studies whose teacher is trained once and saved in tmp_path."""
+    def make(**changes):
+        cfg = from_dict(Config, make_config(**changes))
         cfg.validate()
         study = Study(cfg, resume=False)
         study.obtain_teacher()

@@ -1,0 +1,31 @@
+"""The benchmark command: trains every variant and reports ratios computed from its own measurements."""
+import json
+
+import yaml
+
+import bench
+
+from test_cache import make_config, make_study  # noqa: F401 (fixtures)
+
+
+def test_bench_trains_all_variants_and_reports_ratios(make_study, make_config, tmp_path, capsys):
+    make_study()  # trains and saves the teacher the benchmark needs
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(make_config(cache={"mode": "off"})))
+    assert bench.main(["--config", str(path), "--epochs", "1", "--seeds", "0", "1", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads((tmp_path / "runs" / "c_bench" / "bench.json").read_text())
+    assert [(r["variant"], r["seed"]) for r in rows] == [
+        ("alone", 0), ("alone_loader", 0), ("live", 0), ("cached", 0), ("live", 1), ("cached", 1)]
+    assert all(r["images_per_s"] > 0 and r["epoch_seconds"] > 0 for r in rows)
+    alone = rows[0]["epoch_seconds"]
+    live = (rows[2]["epoch_seconds"] + rows[4]["epoch_seconds"]) / 2
+    assert f"live / alone (b/a): {live / alone:.2f}x" in out
+    assert "| cached |" in out and "+-" in out and "cache build" in out
+
+
+def test_bench_needs_the_teacher_checkpoint(make_config, tmp_path, capsys):
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(make_config()))
+    assert bench.main(["--config", str(path), "--device", "cpu"]) == 2
+    assert "run the study first" in capsys.readouterr().err
