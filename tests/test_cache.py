@@ -5,11 +5,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import kd.cache
 import kd.data
+import run
 from kd.config import Config, from_dict
-from kd.distiller import FeatureHooks
+from kd.distiller import Distiller, FeatureHooks
 from kd.registry import KDError
 from kd.study import Study
 
@@ -186,3 +188,26 @@ def test_top_k_cache_keeps_the_largest_logits(make_study):
     assert torch.equal(replay.topk(3, dim=1).indices.sort(1).values, top.sort(1).values)
     assert torch.allclose(replay.gather(1, top), logits.gather(1, top), rtol=1e-2, atol=1e-2)
     assert (replay < -1000).sum(1).eq(logits.shape[1] - 3).all()
+
+
+def test_interrupted_cached_distillation_resumes_to_the_uninterrupted_result(make_config, tmp_path, monkeypatch):
+    """The tensor pipeline + cache path: order and augmentation are functions of (seed, epoch, index)."""
+    def config(name):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(make_config(name=name, train={"epochs": 3})))
+        return path
+    assert run.main(["--config", str(config("full")), "--device", "cpu"]) == 0
+    calls, forward = [0], Distiller.forward
+
+    def dies_in_second_epoch(self, x, y, teacher_out=None):
+        calls[0] += 1
+        if teacher_out is not None and calls[0] == 6:  # 4 batches of 16 per epoch: mid-way through epoch 2
+            raise KeyboardInterrupt
+        return forward(self, x, y, teacher_out)
+    monkeypatch.setattr(Distiller, "forward", dies_in_second_epoch)
+    assert run.main(["--config", str(config("resumed")), "--device", "cpu"]) == 130
+    monkeypatch.setattr(Distiller, "forward", forward)
+    assert run.main(["--config", str(config("resumed")), "--device", "cpu", "--resume"]) == 0
+    a = torch.load(tmp_path / "runs" / "full" / "kdf" / "last.pt", weights_only=False)["learnable"]
+    b = torch.load(tmp_path / "runs" / "resumed" / "kdf" / "last.pt", weights_only=False)["learnable"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
