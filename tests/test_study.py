@@ -79,11 +79,11 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(smoke_config, monke
 
     calls, forward = [0], Distiller.forward
 
-    def dies_in_second_epoch(self, x, y):
+    def dies_in_second_epoch(self, x, y, teacher_out=None):
         calls[0] += 1
         if self.teacher is not None and calls[0] == 7:  # 4 batches per epoch: mid-way through epoch 2
             raise KeyboardInterrupt
-        return forward(self, x, y)
+        return forward(self, x, y, teacher_out)
     monkeypatch.setattr(Distiller, "forward", dies_in_second_epoch)
     assert run.main(["--config", str(interrupted), "--device", "cpu"]) == 130
     stage_dir = full.parent / "runs" / "resumed" / "kd_fitnets"
@@ -112,14 +112,14 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(smoke_config, monke
 @pytest.mark.skipif(not DEBIAN_FASHION_MNIST.exists(),
                     reason="real Fashion-MNIST is absent: apt-get install dataset-fashion-mnist")
 def test_real_fashion_mnist_student_beats_chance_by_a_wide_margin(smoke_config):
-    small = {"name": "cnn", "kwargs": {"channels": [16, 32], "blocks": 1}}
+    small = {"name": "cnn", "kwargs": {"channels": [16, 32, 64], "blocks": 1}}
     cfg = smoke_config(
         data={"dataset": "fashion_mnist", "root": str(ROOT / "data"), "download": False, "val_size": 500,
-              "train_subset": 3000, "test_subset": 1000, "batch_size": 64, "eval_batch_size": 500,
+              "train_subset": 8000, "test_subset": 1000, "batch_size": 64, "eval_batch_size": 500,
               "augment": {"crop_padding": 0, "hflip": True}},
-        teacher={**small, "train": {"epochs": 2, "lr": 0.05}},
-        student={"name": "cnn", "kwargs": {"channels": [16, 32, 64], "blocks": 1}},
-        train={"epochs": 2, "lr": 0.05, "warmup_epochs": 0},
+        teacher={**small, "train": {"epochs": 4, "lr": 0.05}},
+        student=small,
+        train={"epochs": 4, "lr": 0.05, "warmup_epochs": 0},
         stages=[{"name": "baseline"}, {"name": "kd", "logit": {"name": "kd"}}])
     assert run.main(["--config", str(cfg), "--device", "cpu"]) == 0
     models = report_of(cfg)["models"]
