@@ -1,6 +1,10 @@
 """Typed study configuration: YAML -> dataclasses, validated before any work starts."""
 import dataclasses
+import hashlib
+import importlib
+import importlib.util
 import re
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,9 +127,14 @@ class LossConfig:
 
 @dataclass
 class FeatureConfig(LossConfig):
-    student: str = ""  # module names (as in model.named_modules()) whose outputs are matched
-    teacher: str = ""
+    """Module names (as in model.named_modules()) whose outputs the method matches: one name, or a list for
+    methods that take several layers (reviewkd, at)."""
+    student: str | list[str] = ""
+    teacher: str | list[str] = ""
     weight: float = 1.0
+
+    def __post_init__(self):
+        self.student, self.teacher = ([v] if isinstance(v, str) else list(v) for v in (self.student, self.teacher))
 
 
 @dataclass
@@ -173,7 +182,9 @@ class Config:
     name: str
     stages: list[StageConfig]
     output_dir: str = "runs"
-    seed: int = 0
+    seed: int = 0  # the teacher's, the data augmentation's and the teacher cache's seed
+    seeds: list[int] | None = None  # train every student stage once per seed (mean and std reported); None = [seed]
+    plugins: list[str] = field(default_factory=list)  # modules or .py files imported first: your own methods/models
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     deterministic: bool = False
     data: DataConfig = field(default_factory=DataConfig)
@@ -187,6 +198,10 @@ class Config:
     def run_dir(self):
         return Path(self.output_dir) / self.name
 
+    @property
+    def student_seeds(self):
+        return self.seeds or [self.seed]
+
     def validate(self):
         _check(self.name and "/" not in self.name, "name", "must be a non-empty folder name", self.name)
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
@@ -196,13 +211,15 @@ class Config:
         self.train.validate("train")
         self.eval.validate("eval")
         self.cache.validate("cache")
+        _check(self.seeds is None or (self.seeds and len(set(self.seeds)) == len(self.seeds)), "seeds",
+               "must be a non-empty list of distinct seeds, or null", self.seeds)
         _check(len(self.stages) > 0, "stages", "must list at least one student stage", self.stages)
         names = [s.name for s in self.stages]
         for i, s in enumerate(self.stages):
             _check(s.name not in ("teacher", "") and "/" not in s.name and names.count(s.name) == 1,
                    f"stages[{i}].name", "must be a unique folder name other than 'teacher'", s.name)
             for j, f in enumerate(s.features):
-                _check(f.student and f.teacher, f"stages[{i}].features[{j}]",
+                _check(all(f.student) and all(f.teacher) and f.student and f.teacher, f"stages[{i}].features[{j}]",
                        "needs both 'student' and 'teacher' layer names", f"{f.student!r}/{f.teacher!r}")
                 _check(f.weight >= 0, f"stages[{i}].features[{j}].weight", "must be >= 0", f.weight)
 
@@ -288,6 +305,28 @@ def _child(node, part, path, create):
     return node.get(part)
 
 
+def load_plugin(name, folder, key):
+    """Import a module by dotted name, or a .py file (relative to the config's folder), once per process: its
+    registrations (methods, models, datasets) become usable by name in the config."""
+    try:
+        if not name.endswith(".py"):
+            return importlib.import_module(name)
+        file = (folder / name).resolve()
+        module_name = f"kd_plugin_{hashlib.sha256(str(file).encode()).hexdigest()[:12]}"
+        if module_name not in sys.modules:
+            spec = importlib.util.spec_from_file_location(module_name, file)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[module_name]
+                raise
+        return sys.modules[module_name]
+    except Exception as e:  # the user's own code: any failure is reported as this key's problem
+        raise ConfigError(key, f"cannot import plugin '{name}' ({type(e).__name__}: {e})") from None
+
+
 def load_config(path, overrides=()):
     path = Path(path)
     try:
@@ -304,6 +343,8 @@ def load_config(path, overrides=()):
             apply_override(raw, o)
         cfg = from_dict(Config, raw)
         cfg.validate()
+        for i, plugin in enumerate(cfg.plugins):
+            load_plugin(plugin, path.parent, f"plugins[{i}]")
     except ConfigError as e:
         raise KDError(f"{path}: {e}") from None
     return cfg

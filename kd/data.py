@@ -160,15 +160,29 @@ def pipeline(cfg, dataset, distributed):
         else "loader"
 
 
-def make_loaders(data, cfg, device, generator, seed=0, rank=0, world=1, views=None):
-    """Tensor pipeline: order and augmentation are functions of (seed, epoch) and (seed, view, index), and
-    `views` cycles the augmentations as the teacher cache recorded them. DataLoader: order (and workers'
+class Indexed(Dataset):
+    """(image, label, index) items, so methods with per-sample state (CRD's memory bank) work on any dataset."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return (*self.dataset[i], i)
+
+
+def make_loaders(data, cfg, device, generator, seed=0, rank=0, world=1, views=None, aug_seed=None):
+    """Tensor pipeline: order and augmentation are functions of (seed, epoch) and (aug_seed or seed, view, index),
+    and `views` cycles the augmentations as the teacher cache recorded them. DataLoader: order (and workers'
     augmentation seeds) come from `generator`, so a resumed run that restores its state sees the same batches;
     under torchrun each of the `world` processes takes its share of every epoch and of `batch_size`."""
     if data.tensors:
         drop = len(data.train) > cfg.batch_size
         train = TensorLoader(*data.tensors["train"], cfg.batch_size, shuffle=True, drop_last=drop, seed=seed,
-                             augment_cfg=cfg.augment, mean=data.mean, std=data.std, device=device, views=views)
+                             augment_cfg=cfg.augment, mean=data.mean, std=data.std, device=device, views=views,
+                             aug_seed=aug_seed)
         return (train, *(TensorLoader(*data.tensors[split], cfg.eval_batch_size, shuffle=False, drop_last=False,
                                       seed=seed, mean=data.mean, std=data.std, device=device)
                          for split in ("val", "test")))
@@ -176,11 +190,11 @@ def make_loaders(data, cfg, device, generator, seed=0, rank=0, world=1, views=No
     common = dict(num_workers=cfg.num_workers, pin_memory=pin, persistent_workers=False)
     if world > 1:
         sampler = DistributedSampler(data.train, world, rank, shuffle=True, seed=seed, drop_last=True)
-        train = DataLoader(data.train, cfg.batch_size // world, sampler=sampler, drop_last=True, generator=generator,
-                           **common)
-    else:
-        train = DataLoader(data.train, cfg.batch_size, shuffle=True, drop_last=len(data.train) > cfg.batch_size,
+        train = DataLoader(Indexed(data.train), cfg.batch_size // world, sampler=sampler, drop_last=True,
                            generator=generator, **common)
+    else:
+        train = DataLoader(Indexed(data.train), cfg.batch_size, shuffle=True,
+                           drop_last=len(data.train) > cfg.batch_size, generator=generator, **common)
     val = DataLoader(data.val, cfg.eval_batch_size, **common)
     test = DataLoader(data.test, cfg.eval_batch_size, **common)
     return train, val, test

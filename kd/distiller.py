@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .losses import FEATURE_LOSSES, LOGIT_LOSSES
+from .losses import FEATURE_LOSSES, LOGIT_LOSSES, Probe, Step
 from .registry import ConfigError
 
 
@@ -43,6 +43,15 @@ def layer_names(model, depth=2):
     return ", ".join(n for n, _ in model.named_modules() if n and n.count(".") < depth)
 
 
+def layer_keys(features, side, key):
+    """Each hooked layer name once, with the config key that first names it (for error messages)."""
+    keys = {}
+    for j, f in enumerate(features):
+        for name in getattr(f, side):
+            keys.setdefault(name, f"{key}.features[{j}].{side}")
+    return list(keys), list(keys.values())
+
+
 class Distiller(nn.Module):
     """Trains `student`; the teacher stays in eval mode, runs without autograd and is not in `learnable()`.
 
@@ -57,28 +66,35 @@ class Distiller(nn.Module):
         self.features = nn.ModuleList(method for method, *_ in features)
         self.pairs = [(s, t, w) for _, s, t, w in features]
         self.label_smoothing = label_smoothing
-        keys = [f"features[{j}]" for j in range(len(self.pairs))]
-        self.student_hooks = FeatureHooks(student, [s for s, _, _ in self.pairs], keys)
-        self.teacher_hooks = FeatureHooks(teacher, [t for _, t, _ in self.pairs], keys) if teacher else None
+        s_names = list(dict.fromkeys(n for s, _, _ in self.pairs for n in s))
+        t_names = list(dict.fromkeys(n for _, t, _ in self.pairs for n in t))
+        self.student_hooks = FeatureHooks(student, s_names, s_names)
+        self.teacher_hooks = FeatureHooks(teacher, t_names, t_names) if teacher else None
 
     @classmethod
-    def build(cls, stage, student, teacher, sample, label_smoothing, key):
-        """Create the stage's methods; feature connectors are sized by one dry forward pass on `sample`."""
+    def build(cls, stage, student, teacher, sample, label_smoothing, key, num_samples=0):
+        """Create the stage's methods; their modules are sized by one dry forward pass on `sample`."""
         logit = None
         if stage.logit is not None:
             logit = LOGIT_LOSSES.build(stage.logit.name, f"{key}.logit", dict(stage.logit.params))
         features = []
         if stage.features:
-            keys = [f"{key}.features[{j}]" for j in range(len(stage.features))]
-            s_hooks = FeatureHooks(student, [f.student for f in stage.features], [f"{k}.student" for k in keys])
-            t_hooks = FeatureHooks(teacher, [f.teacher for f in stage.features], [f"{k}.teacher" for k in keys])
+            for j, f in enumerate(stage.features):
+                want = getattr(FEATURE_LOSSES.get(f.name, f"{key}.features[{j}]"), "layers", 1)
+                if len(f.student) != len(f.teacher) or want is not None and len(f.student) != want:
+                    raise ConfigError(f"{key}.features[{j}]", f"'{f.name}' matches {want or 'the same number of'} "
+                                      f"student and teacher layer(s); got {len(f.student)} and {len(f.teacher)}")
+            s_hooks = FeatureHooks(student, *layer_keys(stage.features, "student", key))
+            t_hooks = FeatureHooks(teacher, *layer_keys(stage.features, "teacher", key))
             was_training = student.training
             with torch.no_grad(), s_hooks as s_out, t_hooks as t_out:
-                student.eval()(sample), teacher.eval()(sample)
+                logits = student.eval()(sample)
+                teacher.eval()(sample)
             student.train(was_training)
-            for f, k in zip(stage.features, keys):
-                method = FEATURE_LOSSES.build(f.name, k, dict(f.params), student_shape=tuple(s_out[f.student].shape[1:]),
-                                              teacher_shape=tuple(t_out[f.teacher].shape[1:]))
+            for j, f in enumerate(stage.features):
+                probe = Probe([tuple(s_out[n].shape[1:]) for n in f.student],
+                              [tuple(t_out[n].shape[1:]) for n in f.teacher], num_samples, logits.shape[1])
+                method = FEATURE_LOSSES.build(f.name, f"{key}.features[{j}]", dict(f.params), probe=probe)
                 features.append((method, f.student, f.teacher, f.weight))
         return cls(student, teacher if stage.uses_teacher else None, logit, features, label_smoothing)
 
@@ -92,8 +108,9 @@ class Distiller(nn.Module):
         """What the optimizer trains and a checkpoint saves: the student plus the methods' own modules."""
         return nn.ModuleDict({"student": self.student, "logit": self.logit or nn.Identity(), "features": self.features})
 
-    def forward(self, x, y, teacher_out=None):
-        """`teacher_out` ({"logits", "features"} from the teacher cache) replaces the teacher's forward pass."""
+    def forward(self, x, y, teacher_out=None, index=None, epoch=0.0):
+        """`teacher_out` ({"logits", "features"} from the teacher cache) replaces the teacher's forward pass;
+        `index` (dataset indices) and `epoch` (fractional training progress) are passed on to the methods."""
         with self.student_hooks as s_out:
             logits = self.student(x)
         ce = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
@@ -103,11 +120,12 @@ class Distiller(nn.Module):
             if teacher_out is None:
                 with torch.no_grad(), self.teacher_hooks as t_out:
                     teacher_out = {"logits": self.teacher(x), "features": t_out}
+            step = Step(y, index, epoch)
             if self.logit is not None:
-                terms["logit"] = self.logit(logits, teacher_out["logits"])
+                terms["logit"] = self.logit(logits, teacher_out["logits"], step)
                 loss = self.logit.ce_weight * ce + terms["logit"]
             for j, (method, (s, t, w)) in enumerate(zip(self.features, self.pairs)):
-                terms[f"feat{j}"] = method(s_out[s], teacher_out["features"][t])
+                terms[f"feat{j}"] = method([s_out[n] for n in s], [teacher_out["features"][n] for n in t], step)
                 loss = loss + w * terms[f"feat{j}"]
         terms["loss"] = loss
         return logits, terms

@@ -43,11 +43,22 @@ def add_ratios(rows, batch):
             row["top1_gain_vs_baseline"] = row["test_top1"] - baseline["test_top1"]
 
 
+def pct(row, key):
+    """A percentage, with its seed-to-seed standard deviation when the stage ran several seeds."""
+    text = f"{100 * row[key]:.2f}"
+    return text + f" ± {100 * row[f'{key}_std']:.2f}" if len(row.get("seeds", ())) > 1 else text
+
+
+def table(cols, rows):
+    lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
+    return lines + ["| " + " | ".join(fmt(n, r) for _, fmt in cols) + " |" for n, r in rows.items()]
+
+
 def markdown(report):
     b = report["meta"]["eval_batch_size"]
     cols = [("model", lambda n, r: n),
-            ("val top-1", lambda n, r: f"{100 * r['val_top1']:.2f}"),
-            ("test top-1", lambda n, r: f"{100 * r['test_top1']:.2f}"),
+            ("val top-1", lambda n, r: pct(r, "val_top1")),
+            ("test top-1", lambda n, r: pct(r, "test_top1")),
             ("test top-5", lambda n, r: f"{100 * r['test_top5']:.2f}"),
             ("gap vs teacher (pp)", lambda n, r: f"{100 * r['top1_gap_vs_teacher']:+.2f}"),
             ("params", lambda n, r: f"{r['params'] / 1e6:.3f}M"),
@@ -60,8 +71,18 @@ def markdown(report):
             (f"speed-up b1 / b{b}", lambda n, r: f"{r['speedup_b1']:.1f}x / {r[f'speedup_b{b}']:.1f}x"),
             ("params / MACs / memory reduction",
              lambda n, r: f"{r['param_reduction']:.1f}x / {r['mac_reduction']:.1f}x / {r['memory_reduction']:.1f}x")]
-    lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(n, r) for _, fmt in cols) + " |" for n, r in report["models"].items()]
+    students = {n: r for n, r in report["models"].items() if n != "teacher"}
+    training = [("student", lambda n, r: n),
+                ("seeds", lambda n, r: ", ".join(map(str, r["seeds"]))),
+                ("val top-1", lambda n, r: pct(r, "val_top1")),
+                ("test top-1", lambda n, r: pct(r, "test_top1")),
+                ("gain vs baseline (pp)", lambda n, r: f"{100 * r['top1_gain_vs_baseline']:+.2f}"
+                 if "top1_gain_vs_baseline" in r else "-"),
+                ("train img/s", lambda n, r: f"{r['train_images_per_s']:.0f}" if r.get("train_images_per_s") else "-"),
+                ("epoch s", lambda n, r: f"{r['epoch_seconds']:.1f}" if r.get("epoch_seconds") else "-"),
+                ("method params", lambda n, r: f"{r.get('method_params', 0):,}")]
+    lines = table(cols, report["models"]) + ["", "Training (students; mean ± sample std over seeds where several):", ""]
+    lines += table(training, students)
     m = report["meta"]
     notes = [f"Study `{m['study']}` on {m['dataset']} ({m['train_images']} train / {m['val_images']} val / "
              f"{m['test_images']} test images), {m['date']}.",
@@ -69,10 +90,11 @@ def markdown(report):
              f"after {m['warmup']} warm-up passes, inputs already on the device, fp32. Peak memory: one forward pass "
              f"at batch {b}, weights and input included ({m['memory_method']}).",
              "Ratios are the teacher's figure over the model's, measured in the same process; accuracy gap in "
-             "percentage points of test top-1. Validation top-1 picked each checkpoint; test is reported only."]
-    extra = [f"- `{n}`: {r['method_params']:,} method parameters (connectors) used in training only, not deployed."
-             for n, r in report["models"].items() if r.get("method_params")]
-    return "\n".join(lines + [""] + notes + ([""] + extra if extra else [])) + "\n"
+             "percentage points of test top-1. Validation top-1 picked each checkpoint; test is reported only. "
+             "Inference is measured on each stage's first seed (all seeds share the architecture). Method "
+             "params (connectors, embeddings) train with the student and are not deployed; train img/s includes "
+             "them and the teacher's forward pass or cache reads."]
+    return "\n".join(lines + [""] + notes) + "\n"
 
 
 def write_report(run_dir, cfg, data, device, rows):

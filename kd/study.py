@@ -40,6 +40,23 @@ def load_model_file(model, path):
     return ckpt
 
 
+SEED_STATS = ("val_top1", "test_top1", "test_top5", "test_loss", "train_images_per_s", "epoch_seconds")
+
+
+def over_seeds(results, seeds):
+    """One stage's result over its seeds: the first seed's (its checkpoint is the one profiled), with mean and
+    sample standard deviation of the accuracy and throughput figures, and every seed's own figures."""
+    row = dict(results[0])
+    for k in SEED_STATS:
+        values = [r[k] for r in results if r.get(k) is not None]
+        if values:
+            row[k] = statistics.fmean(values)
+            row[f"{k}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    row["seeds"] = {seed: {k: r.get(k) for k in ("val_top1", "test_top1", "best_epoch")}
+                    for seed, r in zip(seeds, results)}
+    return row
+
+
 class Study:
     def __init__(self, cfg, resume=False):
         self.cfg, self.resume = cfg, resume
@@ -71,20 +88,27 @@ class Study:
         self.image_shape = tuple(self.sample.shape[1:])
         # Build every model and method now, so a bad layer name fails before hours of teacher training.
         self.teacher = self.new_model(cfg.teacher, "teacher")
-        self.distillers = {s.name: Distiller.build(s, self.new_model(cfg.student, "student"), self.teacher, self.sample,
-                                                   cfg.train.label_smoothing, f"stages[{i}]")
-                           for i, s in enumerate(cfg.stages)}
+        self.distillers = {s.name: self.new_distiller(s, cfg.student_seeds[0]) for s in cfg.stages}
         # Data settings that change what a model learns; paths, workers and eval batch do not.
         self.data_key = {**{k: v for k, v in to_dict(cfg.data).items()
                             if k not in ("root", "download", "num_workers", "eval_batch_size", "pipeline")},
                          "pipeline": "tensor" if self.data.tensors else "loader"}
 
-    def new_model(self, model_cfg, key):
-        """Seeded per model: a stage's initial weights (and its connectors', built next) do not depend on how
-        many models were built before it, and every student starts from the same weights."""
-        seed_everything(self.cfg.seed)
+    def new_model(self, model_cfg, key, seed=None):
+        """Seeded per model: a stage's initial weights (and its methods' modules, built next) do not depend on
+        how many models were built before it, and every student of one seed starts from the same weights."""
+        seed_everything(self.cfg.seed if seed is None else seed)
         return create_model(model_cfg.name, key, model_cfg.kwargs, self.data.in_channels, self.data.num_classes,
                             self.data.image_size)
+
+    def new_distiller(self, stage, seed):
+        i = self.cfg.stages.index(stage)
+        return Distiller.build(stage, self.new_model(self.cfg.student, "student", seed), self.teacher, self.sample,
+                               self.cfg.train.label_smoothing, f"stages[{i}]", num_samples=len(self.data.train))
+
+    def stage_name(self, stage, seed):
+        """The stage's folder under the run folder: one per seed when the study repeats seeds."""
+        return stage.name if self.cfg.seeds is None else f"{stage.name}/seed{seed}"
 
     def run(self):
         if self.main:
@@ -93,7 +117,8 @@ class Study:
         results = {"teacher": self.obtain_teacher()}
         self.teacher.to(self.device).requires_grad_(False)
         for stage in self.cfg.stages:
-            results[stage.name] = self.train_student(stage)
+            results[stage.name] = over_seeds([self.train_student(stage, seed) for seed in self.cfg.student_seeds],
+                                             self.cfg.student_seeds)
         if self.main:
             return write_report(self.run_dir, self.cfg, self.data, self.device, self.profile_all(results))
 
@@ -106,7 +131,7 @@ class Study:
                 print(f"[teacher] initialised from {tcfg.weights}" + (f"; new: {', '.join(fresh)}" if fresh else ""))
             key = fingerprint(self.data_key, to_dict(tcfg), self.cfg.seed)
             info = self.fit("teacher", Distiller(self.teacher, label_smoothing=tcfg.train.label_smoothing),
-                            tcfg.train, key)
+                            tcfg.train, key, self.cfg.seed)
             if self.main:
                 save_atomic({"model": self.teacher.state_dict(), "name": tcfg.name, "train": info}, path)
                 (self.run_dir / "teacher" / "last.pt").unlink(missing_ok=True)  # later runs use the checkpoint
@@ -122,19 +147,21 @@ class Study:
         return self.cached_result(self.run_dir / "teacher", key, stale_ok=True) or self.finish(
             "teacher", self.teacher, key, {**ckpt.get("train", {}), "checkpoint": str(path)})
 
-    def train_student(self, stage):
+    def train_student(self, stage, seed):
         replay = self.uses_cache(stage)
         cache_key = {k: v for k, v in to_dict(self.cfg.cache).items() if k in ("views", "topk")} if replay else None
         key = fingerprint(self.data_key, to_dict(self.cfg.student), to_dict(self.cfg.train), to_dict(stage),
-                          self.cfg.seed, file_digest(self.cfg.teacher.checkpoint) if stage.uses_teacher else None,
+                          self.cfg.seed, seed, file_digest(self.cfg.teacher.checkpoint) if stage.uses_teacher else None,
                           cache_key)
-        cached = self.cached_result(self.run_dir / stage.name, key)
+        name = self.stage_name(stage, seed)
+        cached = self.cached_result(self.run_dir / name, key)
         if cached:
             return cached
-        distiller = self.distillers[stage.name]
-        info = self.fit(stage.name, distiller, self.cfg.train, key, self.teacher_cache() if replay else None)
-        info["checkpoint"] = str(self.run_dir / stage.name / "best.pt")
-        return self.finish(stage.name, distiller.student, key, info)
+        first = seed == self.cfg.student_seeds[0]
+        distiller = self.distillers[stage.name] if first else self.new_distiller(stage, seed)
+        info = self.fit(name, distiller, self.cfg.train, key, seed, self.teacher_cache() if replay else None)
+        info["checkpoint"] = str(self.run_dir / name / "best.pt")
+        return self.finish(name, distiller.student, key, info)
 
     def cached_result(self, stage_dir, key, stale_ok=False):
         """A finished stage is reused; one finished under another config is never overwritten. `stale_ok`: the
@@ -148,7 +175,7 @@ class Study:
         if result["fingerprint"] != key:
             raise KDError(f"{stage_dir}: finished under a different config (data, model, recipe, method or "
                           "teacher changed); rename the stage or the study, or delete that folder to retrain it")
-        print(f"[{stage_dir.name}] finished earlier; reusing {path}")
+        print(f"[{stage_dir.relative_to(self.run_dir)}] finished earlier; reusing {path}")
         return result
 
     def uses_cache(self, stage):
@@ -160,8 +187,8 @@ class Study:
         stage's feature pairs, so all students of the study share it."""
         if self._cache is None:
             c, d = self.cfg.cache, self.data
-            layers = sorted({f.teacher for s in self.cfg.stages for f in s.features}) if c.mode == "logits+features" \
-                else []
+            layers = sorted({n for s in self.cfg.stages for f in s.features for n in f.teacher}) \
+                if c.mode == "logits+features" else []
             with torch.no_grad(), FeatureHooks(self.teacher, layers, layers) as out:
                 self.teacher.eval()(self.sample.to(self.device))
             shapes = {layer: tuple(out[layer].shape[1:]) for layer in layers}
@@ -175,12 +202,12 @@ class Study:
                 (d.mean, d.std), self.cfg.seed, c.views, d.num_classes, c.topk, shapes, c.batch_size, self.device)
         return self._cache
 
-    def fit(self, name, distiller, train_cfg, key, cache=None):
+    def fit(self, name, distiller, train_cfg, key, seed, cache=None):
         """Train (or resume) one model; leaves its best validation weights loaded and returns training facts."""
         out_dir = self.run_dir / name
         views = self.cfg.cache.views if cache else None
-        trainer = Trainer(distiller.to(self.device), train_cfg, self.loaders(views)[:2], self.device, out_dir,
-                          self.cfg.seed, key, name, cache)
+        trainer = Trainer(distiller.to(self.device), train_cfg, self.loaders(views, seed)[:2], self.device, out_dir,
+                          seed, key, name, cache)
         if trainer.last_path.exists():
             if not self.resume:
                 raise KDError(f"{trainer.last_path}: an unfinished run is there; pass --resume to continue it, "
@@ -206,16 +233,17 @@ class Study:
             print(f"[{name}] test top-1 {test['top1']:.4f}, top-5 {test['top5']:.4f}")
         return result
 
-    def loaders(self, views=None):
-        return make_loaders(self.data, self.cfg.data, self.device, torch.Generator(), self.cfg.seed, self.rank,
-                            self.world, views)
+    def loaders(self, views=None, seed=None):
+        """Order from `seed`; augmentation always from the study's seed, the one the teacher cache replays."""
+        return make_loaders(self.data, self.cfg.data, self.device, torch.Generator(),
+                            self.cfg.seed if seed is None else seed, self.rank, self.world, views, aug_seed=self.cfg.seed)
 
     def profile_all(self, results):
         """Teacher and students measured in one process, one after another, on the same inputs and settings."""
         memory_format = torch.channels_last if self.cfg.train.channels_last else torch.preserve_format
         rows = {}
         for name, result in results.items():
-            # Fresh, hook-free models loaded from the saved files: what a user would deploy.
+            # Fresh, hook-free models loaded from the saved files (a stage's first seed): what a user would deploy.
             model = self.new_model(self.cfg.teacher if name == "teacher" else self.cfg.student, name)
             load_model_file(model, result["checkpoint"])
             print(f"[{name}] measuring inference cost on {self.device}")

@@ -68,15 +68,17 @@ def augment(images_u8, dy, dx, flip, crop_padding, mean, std):
 
 class TensorLoader:
     """Yields (x, y, idx): normalised (and, given augment_cfg, augmented) float32 images, labels and dataset
-    indices, all on `device`. The order is a function of (seed, epoch) and the augmentation of (seed, view, index),
-    with view = epoch, or epoch % views to cycle through a fixed number of augmented views of the data."""
+    indices, all on `device`. The order is a function of (seed, epoch) and the augmentation of (aug_seed, view,
+    index), with view = epoch, or epoch % views to cycle through a fixed number of augmented views of the data.
+    aug_seed defaults to seed; a separate one lets students of several seeds replay one teacher cache."""
 
     def __init__(self, images_u8, labels, batch_size, *, shuffle, drop_last, seed, augment_cfg=None, mean, std,
-                 device, views=None):
+                 device, views=None, aug_seed=None):
         if views is not None and views < 1:
             raise ValueError(f"views must be >= 1 or None, got {views}")
         self.images, self.labels = images_u8.to(device), labels.to(device)
         self.batch_size, self.shuffle, self.drop_last, self.seed = batch_size, shuffle, drop_last, seed
+        self.aug_seed = seed if aug_seed is None else aug_seed
         self.augment_cfg, self.views, self.device = augment_cfg, views, torch.device(device)
         # on the device once, not copied from the host every batch
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device)
@@ -111,7 +113,7 @@ class TensorLoader:
             if cfg is None:
                 x = normalize(x, self.mean, self.std)
             else:
-                dy, dx, flip = aug_params(idx, self.seed, self.view, cfg.crop_padding, cfg.hflip)
+                dy, dx, flip = aug_params(idx, self.aug_seed, self.view, cfg.crop_padding, cfg.hflip)
                 x = augment(x, dy, dx, flip, cfg.crop_padding, self.mean, self.std)
             yield x, self.labels[idx], idx
 

@@ -159,12 +159,13 @@ class Trainer:
         sums, start = None, time.perf_counter()
         bar = tqdm(self.train_loader, desc=f"[{self.name}] epoch {self.epoch + 1}/{self.cfg.epochs}",
                    leave=False, dynamic_ncols=True, disable=None if self.main else True)
-        for step, (x, y, *idx) in enumerate(bar, 1):
+        for step, (x, y, idx) in enumerate(bar, 1):
             x = x.to(self.device, non_blocking=True, memory_format=self.memory_format)
             y = y.to(self.device, non_blocking=True)
-            teacher_out = self.cache.lookup(self.train_loader.view, idx[0]) if self.cache else None
+            teacher_out = self.cache.lookup(self.train_loader.view, idx) if self.cache else None
+            progress = self.epoch + (step - 1) / len(self.train_loader)
             with autocast(self.device, self.cfg.amp):
-                logits, terms = self.model(x, y, teacher_out)
+                logits, terms = self.model(x, y, teacher_out, idx.to(self.device, non_blocking=True), progress)
             loss = terms["loss"]
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()

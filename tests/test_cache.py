@@ -199,11 +199,11 @@ def test_interrupted_cached_distillation_resumes_to_the_uninterrupted_result(mak
     assert run.main(["--config", str(config("full")), "--device", "cpu"]) == 0
     calls, forward = [0], Distiller.forward
 
-    def dies_in_second_epoch(self, x, y, teacher_out=None):
+    def dies_in_second_epoch(self, x, y, teacher_out=None, *rest):
         calls[0] += 1
         if teacher_out is not None and calls[0] == 6:  # 4 batches of 16 per epoch: mid-way through epoch 2
             raise KeyboardInterrupt
-        return forward(self, x, y, teacher_out)
+        return forward(self, x, y, teacher_out, *rest)
     monkeypatch.setattr(Distiller, "forward", dies_in_second_epoch)
     assert run.main(["--config", str(config("resumed")), "--device", "cpu"]) == 130
     monkeypatch.setattr(Distiller, "forward", forward)

@@ -64,7 +64,7 @@ def test_method_parameters_sit_beside_the_name(tmp_path):
     (s,) = cfg.stages
     assert (s.logit.name, s.logit.params) == ("kd", {"temperature": 2, "alpha": 0.5})
     f = s.features[0]
-    assert (f.name, f.student, f.teacher, f.weight, f.params) == ("fitnets", "stages.1", "layer2", 0.5, {})
+    assert (f.name, f.student, f.teacher, f.weight, f.params) == ("fitnets", ["stages.1"], ["layer2"], 0.5, {})
 
 
 @pytest.mark.parametrize("updates, expected", [
@@ -142,7 +142,7 @@ def test_bad_override(tmp_path, override, expected):
     ({"alpha": -0.1}, "stages[1].logit: logit loss 'kd': alpha must be in [0, 1], got -0.1"),
     ({"alpha": 1.5}, "stages[1].logit: logit loss 'kd': alpha must be in [0, 1], got 1.5"),
     ({"temperature": "hot"}, "stages[1].logit.temperature: expected float, got 'hot'"),
-    ({"temprature": 2}, "stages[1].logit.temprature: unknown key (did you mean 'temperature'? choose from: alpha, temperature)"),
+    ({"temprature": 2}, "stages[1].logit.temprature: unknown key (did you mean 'temperature'? choose from: alpha, standardize, temperature)"),
 ])
 def test_kd_parameters_are_checked(params, expected):
     with pytest.raises(ConfigError) as e:

@@ -6,7 +6,9 @@ import torch
 
 from kd.config import StageConfig, from_dict, load_config
 from kd.distiller import Distiller
-from kd.losses import KD, FitNets
+from kd.losses import Probe
+from kd.losses.fitnets import FitNets
+from kd.losses.kd import KD
 from kd.models import create_model
 
 from conftest import CONFIGS
@@ -92,10 +94,10 @@ def test_feature_term_only_reaches_layers_up_to_the_hooked_one():
 
 def test_connector_matches_channels_and_both_resize_directions():
     for s_shape, t_shape in [((16, 14, 14), (128, 7, 7)), ((16, 4, 4), (64, 8, 8)), ((8, 7, 7), (32, 7, 7))]:
-        method = FitNets(s_shape, t_shape)
+        method = FitNets(Probe([s_shape], [t_shape], 0, 10))
         out = method.connector(torch.randn(2, *s_shape))
         assert tuple(out.shape[1:]) == t_shape
-        assert method(torch.randn(2, *s_shape), torch.randn(2, *t_shape)).item() > 0
+        assert method([torch.randn(2, *s_shape)], [torch.randn(2, *t_shape)]).item() > 0
 
 
 def test_teacher_stays_in_eval_mode_while_student_trains():
@@ -112,7 +114,7 @@ def test_every_feature_pair_in_shipped_configs_builds_and_matches_shapes(path):
     for i, st in enumerate(s for s in cfg.stages if s.features):
         teacher = create_model(cfg.teacher.name, "teacher", cfg.teacher.kwargs, c, classes, size)
         student = create_model(cfg.student.name, "student", cfg.student.kwargs, c, classes, size)
-        distiller = Distiller.build(st, student, teacher, x, 0.0, f"stages[{i}]").train()
-        _, terms = distiller(x, torch.zeros(2, dtype=torch.long))
+        distiller = Distiller.build(st, student, teacher, x, 0.0, f"stages[{i}]", num_samples=50_000).train()
+        _, terms = distiller(x, torch.zeros(2, dtype=torch.long), index=torch.arange(2))
         for j in range(len(st.features)):
             assert terms[f"feat{j}"].item() > 0, (path.name, st.name, j)

@@ -58,6 +58,23 @@ def test_torchrun_with_two_processes_trains_and_reports(smoke_config):
     assert set(report_of(cfg)["models"]) == {"teacher", "kd_fitnets"}
 
 
+def test_repeated_seeds_train_each_stage_per_seed_and_report_mean_and_std(smoke_config):
+    cfg = smoke_config(seeds=[0, 1], stages=[{"name": "baseline"}, {"name": "kd", "logit": {"name": "kd"}}])
+    assert run.main(["--config", str(cfg), "--device", "cpu"]) == 0
+    run_dir = cfg.parent / "runs" / "smoke"
+    models = report_of(cfg)["models"]
+    for stage in ("baseline", "kd"):
+        per_seed = [json.loads((run_dir / stage / f"seed{s}" / "result.json").read_text()) for s in (0, 1)]
+        tops = [r["test_top1"] for r in per_seed]
+        assert models[stage]["test_top1"] == pytest.approx(sum(tops) / 2)
+        assert models[stage]["test_top1_std"] == pytest.approx(abs(tops[0] - tops[1]) / 2 ** 0.5)
+        assert [models[stage]["seeds"][s]["test_top1"] for s in ("0", "1")] == tops
+        weights = [torch.load(run_dir / stage / f"seed{s}" / "best.pt")["model"] for s in (0, 1)]
+        assert not torch.equal(weights[0]["fc.weight"], weights[1]["fc.weight"])  # seeds start apart
+    assert models["kd"]["top1_gain_vs_baseline"] == pytest.approx(models["kd"]["test_top1"] - models["baseline"]["test_top1"])
+    assert " ± " in (run_dir / "report.md").read_text()
+
+
 def test_finished_stage_is_not_overwritten_by_a_changed_config(smoke_config, capsys):
     cfg = smoke_config(stages=[{"name": "baseline"}])
     assert run.main(["--config", str(cfg), "--device", "cpu"]) == 0
@@ -79,11 +96,11 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(smoke_config, monke
 
     calls, forward = [0], Distiller.forward
 
-    def dies_in_second_epoch(self, x, y, teacher_out=None):
+    def dies_in_second_epoch(self, *args, **kwargs):
         calls[0] += 1
         if self.teacher is not None and calls[0] == 7:  # 4 batches per epoch: mid-way through epoch 2
             raise KeyboardInterrupt
-        return forward(self, x, y, teacher_out)
+        return forward(self, *args, **kwargs)
     monkeypatch.setattr(Distiller, "forward", dies_in_second_epoch)
     assert run.main(["--config", str(interrupted), "--device", "cpu"]) == 130
     stage_dir = full.parent / "runs" / "resumed" / "kd_fitnets"
