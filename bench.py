@@ -1,6 +1,7 @@
 """Benchmark: what distillation costs compared with training the student alone.
 
     python bench.py --config configs/fashion_mnist.yaml [--epochs 2] [--seeds 0 1] [--set key=value ...]
+    python bench.py --config configs/fashion_mnist.yaml --formats [--compile]
 
 In one process, with the config's recipe and the same seed, the student is trained:
   alone         labels only, tensor pipeline
@@ -10,6 +11,11 @@ In one process, with the config's recipe and the same seed, the student is train
 using the first stage with a logit method (or --stage). Throughput is whole training epochs (data, augmentation,
 teacher or cache lookup, forward, backward, step), validation excluded. The teacher checkpoint must exist: run
 the study first. Results go to <output_dir>/<name>_bench/ (bench.md, bench.json) and are printed.
+
+--formats instead times the forward-pass options on the config's models and batch size: the teacher's
+inference (what building the cache or a live teacher costs) and one student training step, in fp32 and bf16
+autocast, contiguous and channels_last (and torch.compile with --compile), on random inputs already on the
+device; median of timed repeats after warm-up. Results go to <output_dir>/<name>_bench/formats.md.
 """
 import argparse
 import dataclasses
@@ -23,6 +29,7 @@ import time
 import torch
 
 from kd.config import load_config
+from kd.device import autocast, synchronize
 from kd.distiller import Distiller
 from kd.registry import ConfigError, KDError
 from kd.report import device_name
@@ -36,6 +43,9 @@ def parse_args(argv):
     p.add_argument("--epochs", type=int, help="override train.epochs for every variant")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds to repeat live and cached over (default: the config's)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--formats", action="store_true", help="time fp32/bf16, channels_last (and --compile) instead")
+    p.add_argument("--compile", action="store_true", help="with --formats: also time torch.compile'd models")
+    p.add_argument("--repeats", type=int, default=10, help="with --formats: timed repeats per variant")
     return p.parse_args(argv)
 
 
@@ -59,8 +69,9 @@ def train_variant(study, name, stage, cache=None):
     if stage is None:
         distiller = Distiller(student, label_smoothing=study.cfg.train.label_smoothing)
     else:
-        distiller = Distiller.build(stage, student, study.teacher, study.sample, study.cfg.train.label_smoothing, name)
-    info = study.fit(name, distiller, study.cfg.train, key=name, cache=cache)
+        distiller = Distiller.build(stage, student, study.teacher, study.sample, study.cfg.train.label_smoothing, name,
+                                    num_samples=len(study.data.train))
+    info = study.fit(name, distiller, study.cfg.train, key=name, seed=study.cfg.seed, cache=cache)
     result = study.finish(name, distiller.student, name, info)
     return {"epoch_seconds": info["epoch_seconds"], "images_per_s": info["train_images_per_s"],
             "test_top1": result["test_top1"]}
@@ -119,10 +130,78 @@ def summarize(study, stage, rows):
     return "\n".join(lines) + "\n"
 
 
+def median_seconds(step, device, warmup, repeats):
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def formats(cfg, compile_too, repeats):
+    """Images/s of teacher inference and of a student training step for each precision and memory format."""
+    from kd.study import Study
+    study = Study(cfg)
+    device, batch = study.device, cfg.data.batch_size
+    x = torch.randn(batch, *study.image_shape, device=device)
+    y = torch.randint(0, study.data.num_classes, (batch,), device=device)
+    rows = []
+    for amp in ("off", "bf16"):
+        for channels_last in (False, True):
+            for compiled in (False, True) if compile_too else (False,):
+                fmt = torch.channels_last if channels_last else torch.contiguous_format
+                teacher = study.new_model(cfg.teacher, "teacher").to(device, memory_format=fmt).eval()
+                student = study.new_model(cfg.student, "student").to(device, memory_format=fmt).train()
+                optimizer = torch.optim.SGD(student.parameters(), lr=1e-3, momentum=0.9)
+                run_teacher, run_student = (torch.compile(teacher), torch.compile(student)) if compiled \
+                    else (teacher, student)
+                xf = x.contiguous(memory_format=fmt)
+
+                def infer():
+                    with torch.inference_mode(), autocast(device, amp):
+                        run_teacher(xf)
+
+                def train_step():
+                    with autocast(device, amp):
+                        loss = torch.nn.functional.cross_entropy(run_student(xf).float(), y)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                warmup = 3 if compiled else 2  # the first compiled calls compile
+                rows.append({"amp": amp, "channels_last": channels_last, "compile": compiled,
+                             "teacher_infer_images_per_s": batch / median_seconds(infer, device, warmup, repeats),
+                             "student_train_images_per_s": batch / median_seconds(train_step, device, warmup, repeats)})
+                print(rows[-1])
+    base = rows[0]
+    lines = [f"Forward-pass options at batch {batch} on {device_name(device)}, torch {torch.__version__}; "
+             f"{cfg.teacher.name} teacher inference and {cfg.student.name} student training step, input "
+             f"{tuple(study.image_shape)}, median of {repeats} repeats.", "",
+             "| amp | channels_last | compile | teacher infer img/s | vs fp32 | student train img/s | vs fp32 |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t, s = r["teacher_infer_images_per_s"], r["student_train_images_per_s"]
+        lines.append(f"| {r['amp']} | {r['channels_last']} | {r['compile']} | {t:.0f} | "
+                     f"{t / base['teacher_infer_images_per_s']:.2f}x | {s:.0f} | "
+                     f"{s / base['student_train_images_per_s']:.2f}x |")
+    return rows, "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
         cfg, stage = bench_config(args)
+        if args.formats:
+            rows, text = formats(cfg, args.compile, args.repeats)
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            (cfg.run_dir / "formats.json").write_text(json.dumps(rows, indent=2) + "\n")
+            (cfg.run_dir / "formats.md").write_text(text)
+            print("\n" + text)
+            return 0
         study, rows = run(cfg, stage, args.seeds or [cfg.seed])
     except ConfigError as e:
         print(f"error: {args.config}: {e}", file=sys.stderr)

@@ -80,7 +80,8 @@ def markdown(report):
                  if "top1_gain_vs_baseline" in r else "-"),
                 ("train img/s", lambda n, r: f"{r['train_images_per_s']:.0f}" if r.get("train_images_per_s") else "-"),
                 ("epoch s", lambda n, r: f"{r['epoch_seconds']:.1f}" if r.get("epoch_seconds") else "-"),
-                ("method params", lambda n, r: f"{r.get('method_params', 0):,}")]
+                ("method params (state MB)", lambda n, r: f"{r.get('method_params', 0):,} "
+                 f"({r.get('method_state_bytes', 0) / MB:.2f})")]
     lines = table(cols, report["models"]) + ["", "Training (students; mean ± sample std over seeds where several):", ""]
     lines += table(training, students)
     m = report["meta"]
@@ -92,8 +93,9 @@ def markdown(report):
              "Ratios are the teacher's figure over the model's, measured in the same process; accuracy gap in "
              "percentage points of test top-1. Validation top-1 picked each checkpoint; test is reported only. "
              "Inference is measured on each stage's first seed (all seeds share the architecture). Method "
-             "params (connectors, embeddings) train with the student and are not deployed; train img/s includes "
-             "them and the teacher's forward pass or cache reads."]
+             "params (connectors, embedding heads) and state (with buffers such as memory banks) train with the "
+             "student and are not deployed; train img/s includes them and the teacher's forward pass or cache "
+             "reads, not validation."]
     return "\n".join(lines + [""] + notes) + "\n"
 
 

@@ -216,9 +216,12 @@ class Study:
         best = trainer.fit()
         load_model_file(distiller.student, out_dir / "best.pt")
         mean = lambda key: statistics.fmean(r[key] for r in trainer.history) if trainer.history else None
+        methods = [m for m in (distiller.features, distiller.logit) if m is not None]
         return {"best_epoch": best["epoch"], "epochs": train_cfg.epochs,
                 "train_images_per_s": mean("train_images_per_s"), "epoch_seconds": mean("epoch_seconds"),
-                "method_params": sum(count_parameters(m) for m in (distiller.features, distiller.logit) if m is not None)}
+                "method_params": sum(count_parameters(m) for m in methods),  # trained, saved, never deployed
+                "method_state_bytes": sum(t.numel() * t.element_size()
+                                          for m in methods for t in m.state_dict().values())}
 
     def finish(self, name, model, key, info):
         """Validation and test accuracy, computed once per finished model and stored beside it."""

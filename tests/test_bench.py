@@ -29,3 +29,14 @@ def test_bench_needs_the_teacher_checkpoint(make_config, tmp_path, capsys):
     path.write_text(yaml.safe_dump(make_config()))
     assert bench.main(["--config", str(path), "--device", "cpu"]) == 2
     assert "run the study first" in capsys.readouterr().err
+
+
+def test_bench_formats_times_every_precision_and_memory_format(make_config, tmp_path, capsys):
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(make_config()))
+    assert bench.main(["--config", str(path), "--formats", "--repeats", "1", "--device", "cpu"]) == 0
+    rows = json.loads((tmp_path / "runs" / "c_bench" / "formats.json").read_text())
+    assert [(r["amp"], r["channels_last"]) for r in rows] == [("off", False), ("off", True), ("bf16", False),
+                                                              ("bf16", True)]
+    assert all(r["teacher_infer_images_per_s"] > 0 and r["student_train_images_per_s"] > 0 for r in rows)
+    assert "| bf16 | True | False |" in capsys.readouterr().out

@@ -58,5 +58,6 @@ def embedding_size(shape):
 
 def spatial(shape, method):
     if len(shape) != 3:
-        raise ValueError(f"{method} needs 4-D feature maps (N, C, H, W), got a layer of shape (N, {', '.join(map(str, shape))})")
+        dims = ", ".join(map(str, shape))
+        raise ValueError(f"{method} needs 4-D feature maps (N, C, H, W), got a layer of shape (N, {dims})")
     return shape

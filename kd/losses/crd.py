@@ -37,7 +37,8 @@ class CRD(nn.Module):
         if not 1 <= nce_k < n:
             raise ValueError(f"nce_k must be in [1, training images={n}), got {nce_k}")
         if feat_dim < 1 or nce_t <= 0 or not 0 <= momentum < 1:
-            raise ValueError(f"need feat_dim >= 1, nce_t > 0 and momentum in [0, 1), got {feat_dim}, {nce_t}, {momentum}")
+            raise ValueError(f"need feat_dim >= 1, nce_t > 0 and momentum in [0, 1), "
+                             f"got {feat_dim}, {nce_t}, {momentum}")
         self.embed_s = nn.Linear(embedding_size(probe.student_shapes[0]), feat_dim)
         self.embed_t = nn.Linear(embedding_size(probe.teacher_shapes[0]), feat_dim)
         self.nce_k, self.nce_t, self.momentum, self.noise = nce_k, nce_t, momentum, 1.0 / n
