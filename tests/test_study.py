@@ -48,7 +48,8 @@ def test_cli_smoke_study_writes_reports_and_reuses_finished_stages(smoke_config)
 
 def test_torchrun_with_two_processes_trains_and_reports(smoke_config):
     cfg = smoke_config(stages=[{"name": "kd_fitnets", "logit": {"name": "kd"},
-                                "features": [{"name": "fitnets", "student": "stages.1", "teacher": "layer2"}]}])
+                                "features": [{"name": "fitnets", "student": "stages.1", "teacher": "layer2"},
+                                             {"name": "crd", "student": "pool", "teacher": "avgpool", "nce_k": 16}]}])
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(ROOT / "run.py"), "--config", str(cfg), "--device", "cpu"],
                           capture_output=True, text=True, cwd=cfg.parent, timeout=600)

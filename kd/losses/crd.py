@@ -1,11 +1,21 @@
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from ..registry import KDError
 from .base import FEATURE_LOSSES, embedding, embedding_size
+
+
+def gather(t):
+    """Every process's rows, so under torchrun each copy of the bank sees the whole batch's updates."""
+    if not dist.is_initialized():
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t)
+    return torch.cat(parts)
 
 
 def nce_loss(scores, noise):
@@ -27,7 +37,8 @@ class CRD(nn.Module):
     side out of `nce_k` random others, drawn from a memory bank of every training sample's embedding (updated
     with `momentum`, indexed by the dataset indices the pipeline supplies), through NCE with temperature
     `nce_t`. Defaults are the paper's (128, 16384, 0.07, 0.5; its loss weight 0.8 is the stage's `weight`);
-    `nce_k` must be below the training set size. Under torchrun every process keeps its own bank.
+    `nce_k` must be below the training set size. Under torchrun the processes exchange their batch's
+    embeddings, so every copy of the bank receives every update.
     """
     layers = 1
 
@@ -64,6 +75,7 @@ class CRD(nn.Module):
         loss = nce_loss(scores_s / self.z[0], self.noise) + nce_loss(scores_t / self.z[1], self.noise)
         if self.training:
             with torch.no_grad():
+                index, v_s, v_t = (gather(t.detach()) for t in (index, v_s, v_t))
                 for memory, v in ((self.memory_s, v_s), (self.memory_t, v_t)):
-                    memory[index] = F.normalize(memory[index] * self.momentum + v.detach() * (1 - self.momentum), dim=1)
+                    memory[index] = F.normalize(memory[index] * self.momentum + v * (1 - self.momentum), dim=1)
         return loss
