@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .device import autocast
 from .distiller import FeatureHooks
 from .registry import KDError
 from .tensor_data import aug_params, augment
@@ -45,7 +46,7 @@ class TeacherCache:
 
     @classmethod
     def open_or_build(cls, root, key_parts, teacher, images, aug, norm, seed, views, num_classes, topk,
-                      feature_shapes, batch_size, device):
+                      feature_shapes, batch_size, device, amp="off"):
         """Reuse the cache whose key matches everything that shapes the outputs; build it otherwise."""
         key = hashlib.sha256(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
         folder = Path(root) / key
@@ -53,7 +54,7 @@ class TeacherCache:
         manifest = cls.read_valid_manifest(folder, plan)
         if manifest is None:
             manifest = cls.build(folder, plan, teacher, images, aug, norm, seed, views, num_classes, feature_shapes,
-                                 batch_size, device)
+                                 batch_size, device, amp)
         else:
             print(f"[cache] reusing {folder}")
         return cls(folder, manifest, device)
@@ -75,7 +76,10 @@ class TeacherCache:
         return manifest
 
     @staticmethod
-    def build(folder, plan, teacher, images, aug, norm, seed, views, num_classes, feature_shapes, batch_size, device):
+    def build(folder, plan, teacher, images, aug, norm, seed, views, num_classes, feature_shapes, batch_size, device,
+              amp="off"):
+        """One teacher pass per view, in inference mode and in the students' precision (`amp`), as a live
+        teacher would run inside their training step."""
         need = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in plan.values())
         folder.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(folder).free
@@ -97,7 +101,7 @@ class TeacherCache:
                 idx = torch.arange(start, min(start + batch_size, n))
                 x = augment(images[idx.to(images.device)].to(device), *aug_params(idx.to(device), seed, view, *aug),
                             aug[0], *norm)
-                with torch.inference_mode(), hooks as features:
+                with torch.inference_mode(), autocast(device, amp), hooks as features:
                     logits = teacher(x).float()
                 if "logits" in arrays:
                     arrays["logits"][view, start:start + len(idx)] = logits.cpu().numpy()

@@ -196,10 +196,11 @@ class Study:
             key_parts = {"format": CACHE_FORMAT, "images": hashlib.sha256(images.cpu().numpy().tobytes()).hexdigest(),
                          "teacher": file_digest(self.cfg.teacher.checkpoint), "augment": to_dict(self.cfg.data.augment),
                          "normalize": [d.mean, d.std], "views": c.views, "seed": self.cfg.seed, "topk": c.topk,
-                         "features": shapes}
+                         "features": shapes, "amp": self.cfg.train.amp}
             self._cache = TeacherCache.open_or_build(
                 c.dir, key_parts, self.teacher, images, (self.cfg.data.augment.crop_padding, self.cfg.data.augment.hflip),
-                (d.mean, d.std), self.cfg.seed, c.views, d.num_classes, c.topk, shapes, c.batch_size, self.device)
+                (d.mean, d.std), self.cfg.seed, c.views, d.num_classes, c.topk, shapes, c.batch_size, self.device,
+                self.cfg.train.amp)
         return self._cache
 
     def fit(self, name, distiller, train_cfg, key, seed, cache=None):

@@ -11,6 +11,7 @@ import kd.cache
 import kd.data
 import run
 from kd.config import Config, from_dict
+from kd.device import autocast
 from kd.distiller import Distiller, FeatureHooks
 from kd.registry import KDError
 from kd.study import Study
@@ -98,15 +99,17 @@ def test_other_view_would_not_match(make_study):
     assert not torch.allclose(cache.lookup(1, idx)["features"]["stages.1"], live_teacher(study, x)[1], atol=1e-2)
 
 
-def test_distillation_loss_from_cache_equals_live_teacher(make_study):
-    study = make_study()
+@pytest.mark.parametrize("amp", ["off", "bf16"])
+def test_distillation_loss_from_cache_equals_live_teacher(make_study, amp):
+    study = make_study(train={"amp": amp})  # the cache is built in the precision the students train in
     cache, distiller = study.teacher_cache(), study.distillers["kdf"].train()
     loader = study.loaders(views=2)[0]
     loader.set_epoch(1)
     x, y, idx = next(iter(loader))
     torch.manual_seed(0)
-    _, live = distiller(x, y)
-    _, cached = distiller(x, y, cache.lookup(loader.view, idx))
+    with autocast(study.device, amp):
+        _, live = distiller(x, y)
+        _, cached = distiller(x, y, cache.lookup(loader.view, idx))
     assert set(live) == set(cached) == {"ce", "logit", "feat0", "loss"}
     for term in live:
         assert cached[term].item() == pytest.approx(live[term].item(), rel=1e-3, abs=1e-4), term
@@ -130,7 +133,8 @@ def test_unchanged_settings_reuse_the_cache(make_study, capsys):
     {"seed": 1},
     {"data": {"train_subset": 40}},
     {"data": {"split_seed": 1}},
-], ids=["crop", "flip", "views", "seed", "subset", "split"])
+    {"train": {"amp": "bf16"}},
+], ids=["crop", "flip", "views", "seed", "subset", "split", "amp"])
 def test_changes_that_alter_teacher_outputs_rebuild(make_study, changes, capsys):
     first = cache_folder(make_study())
     capsys.readouterr()
