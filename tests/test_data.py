@@ -323,11 +323,17 @@ def first_train_batch(fake_setup, loader_seed):
 
 
 def test_same_generator_seed_gives_same_first_batch(fake_setup):
-    (x1, y1), (x2, y2) = first_train_batch(fake_setup, 7), first_train_batch(fake_setup, 7)
+    (x1, y1, i1), (x2, y2, i2) = first_train_batch(fake_setup, 7), first_train_batch(fake_setup, 7)
     assert x1.shape == (8, 3, 16, 16)
-    assert torch.equal(x1, x2) and torch.equal(y1, y2)
-    x3, _ = first_train_batch(fake_setup, 8)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2) and torch.equal(i1, i2)
+    x3, _, _ = first_train_batch(fake_setup, 8)
     assert not torch.equal(x1, x3)
+
+
+def test_loader_batches_carry_their_dataset_indices(fake_setup):
+    data, _ = fake_setup
+    _, y, idx = first_train_batch(fake_setup, 7)
+    assert [data.train[i][1] for i in idx.tolist()] == y.tolist()  # what CRD's memory bank is indexed by
 
 
 def test_eval_loaders_keep_dataset_order(fake_setup):
