@@ -29,8 +29,9 @@ import time
 import torch
 
 from kd.config import load_config
-from kd.device import autocast, synchronize
+from kd.device import autocast
 from kd.distiller import Distiller
+from kd.evaluate import timed
 from kd.registry import ConfigError, KDError
 from kd.report import device_name
 
@@ -130,19 +131,6 @@ def summarize(study, stage, rows):
     return "\n".join(lines) + "\n"
 
 
-def median_seconds(step, device, warmup, repeats):
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def formats(cfg, compile_too, repeats):
     """Images/s of teacher inference and of a student training step for each precision and memory format."""
     from kd.study import Study
@@ -173,9 +161,9 @@ def formats(cfg, compile_too, repeats):
                     loss.backward()
                     optimizer.step()
                 warmup = 3 if compiled else 2  # the first compiled calls compile
+                rate = lambda fn: batch / statistics.median(timed(fn, device, warmup, repeats))
                 rows.append({"amp": amp, "channels_last": channels_last, "compile": compiled,
-                             "teacher_infer_images_per_s": batch / median_seconds(infer, device, warmup, repeats),
-                             "student_train_images_per_s": batch / median_seconds(train_step, device, warmup, repeats)})
+                             "teacher_infer_images_per_s": rate(infer), "student_train_images_per_s": rate(train_step)})
                 print(rows[-1])
     base = rows[0]
     lines = [f"Forward-pass options at batch {batch} on {device_name(device)}, torch {torch.__version__}; "

@@ -38,20 +38,24 @@ def macs_per_image(model, image_shape, device):
     return counter.get_total_flops() // 2
 
 
-@torch.inference_mode()
-def latency(model, x, warmup, repeats):
-    """Seconds per forward pass on an input already on the device: median and 90th percentile over repeats."""
-    model.eval()
+def timed(fn, device, warmup, repeats):
+    """Sorted seconds per call of `fn` after `warmup` calls; on CUDA each timing waits for the GPU's work."""
     for _ in range(warmup):
-        model(x)
-    synchronize(x.device)
+        fn()
+    synchronize(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        model(x)
-        synchronize(x.device)
+        fn()
+        synchronize(device)
         times.append(time.perf_counter() - start)
-    times.sort()
+    return sorted(times)
+
+
+@torch.inference_mode()
+def latency(model, x, warmup, repeats):
+    """Seconds per forward pass on an input already on the device: median and 90th percentile over repeats."""
+    times = timed(lambda: model.eval()(x), x.device, warmup, repeats)
     return {"median": statistics.median(times), "p90": times[min(len(times) - 1, int(0.9 * len(times)))]}
 
 
