@@ -142,7 +142,7 @@ def test_bad_override(tmp_path, override, expected):
     ({"alpha": -0.1}, "stages[1].logit: logit loss 'kd': alpha must be in [0, 1], got -0.1"),
     ({"alpha": 1.5}, "stages[1].logit: logit loss 'kd': alpha must be in [0, 1], got 1.5"),
     ({"temperature": "hot"}, "stages[1].logit.temperature: expected float, got 'hot'"),
-    ({"temprature": 2}, "stages[1].logit.temprature: unknown key (did you mean 'temperature'? choose from: alpha, standardize, temperature)"),
+    ({"temprature": 2}, "stages[1].logit.temprature: unknown key (did you mean 'temperature'? choose from: alpha, scale, standardize, temperature)"),
 ])
 def test_kd_parameters_are_checked(params, expected):
     with pytest.raises(ConfigError) as e:

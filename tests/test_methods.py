@@ -71,9 +71,11 @@ def test_logit_standardization_ignores_the_student_logits_shift_and_scale():
     torch.manual_seed(2)
     s, t = torch.randn(5, 10), torch.randn(5, 10) * 4
     y = torch.randint(0, 10, (5,))
+    base_kd = lambda a, b: KD(2.0, 0.9, standardize=True)(a, b).item()
     for method in (KD(2.0, 0.9, standardize=True), DKD(warmup=0.0, standardize=True)):
         base = method(s, t, Step(y)).item()
         assert method(s * 3 + 7, t, Step(y)).item() == pytest.approx(base, rel=1e-4)
+    assert KD(2.0, 0.9, standardize=True, scale=10.0)(s, t).item() == pytest.approx(10 * base_kd(s, t), rel=1e-5)
     # without standardization the student's scale matters
     assert KD(2.0, 0.9)(s * 3, t).item() != pytest.approx(KD(2.0, 0.9)(s, t).item(), rel=1e-2)
 
@@ -213,6 +215,7 @@ def test_every_method_is_nonzero_and_its_gradient_reaches_the_student_and_its_mo
     ("dist", {"gamma": -2.0}, "logit loss 'dist': gamma must be >= 0, got -2.0"),
     ("dist", {"temprature": 4}, "temprature: unknown key (did you mean 'temperature'?"),
     ("kd", {"standardize": "yes"}, "standardize: expected bool, got 'yes'"),
+    ("kd", {"scale": -1.0}, "logit loss 'kd': scale must be >= 0, got -1.0"),
 ])
 def test_logit_method_parameters_are_checked(method, params, expected):
     with pytest.raises(ConfigError) as e:
