@@ -36,6 +36,12 @@ from kd.registry import ConfigError, KDError
 from kd.report import device_name
 
 
+def positive(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
@@ -46,7 +52,7 @@ def parse_args(argv):
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--formats", action="store_true", help="time fp32/bf16, channels_last (and --compile) instead")
     p.add_argument("--compile", action="store_true", help="with --formats: also time torch.compile'd models")
-    p.add_argument("--repeats", type=int, default=10, help="with --formats: timed repeats per variant")
+    p.add_argument("--repeats", type=positive, default=10, help="with --formats: timed repeats per variant")
     return p.parse_args(argv)
 
 

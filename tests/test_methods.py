@@ -149,6 +149,18 @@ def test_crd_updates_its_memory_bank_and_needs_indices():
         method([torch.randn(2, 8)], [torch.randn(2, 12)], Step(torch.zeros(2)))
 
 
+def test_crd_keeps_its_partition_constants_across_a_checkpoint():
+    torch.manual_seed(9)
+    first = CRD(probe([(8,)], [(12,)], num_samples=50), feat_dim=4, nce_k=10).train()
+    step = Step(torch.zeros(2), torch.tensor([1, 2]))
+    first([torch.randn(2, 8)], [torch.randn(2, 12)], step)
+    assert (first.z > 0).all()
+    resumed = CRD(probe([(8,)], [(12,)], num_samples=50), feat_dim=4, nce_k=10).train()
+    resumed.load_state_dict(first.state_dict())
+    resumed([torch.randn(2, 8) * 5], [torch.randn(2, 12) * 5], step)
+    assert torch.equal(resumed.z, first.z)  # estimated once, on the first batch, then fixed
+
+
 def test_reviewkd_fuses_levels_into_teacher_shapes_and_hcl_reduces_to_mse_on_1x1_maps():
     torch.manual_seed(8)
     shapes_s, shapes_t = [(8, 8, 8), (16, 4, 4), (32, 1, 1)], [(16, 8, 8), (32, 4, 4), (64, 1, 1)]

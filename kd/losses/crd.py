@@ -58,6 +58,7 @@ class CRD(nn.Module):
         self.register_buffer("memory_t", torch.rand(n, feat_dim) * 2 * bound - bound)
         # NCE's partition constants, estimated on the first batch and then fixed (as in the paper's code)
         self.register_buffer("z", torch.full((2,), -1.0))
+        self.z_known = False
 
     def forward(self, student_features, teacher_features, step):
         if step is None or step.index is None:
@@ -70,8 +71,11 @@ class CRD(nn.Module):
         # the teacher's embedding against the student bank's entries, and the student's against the teacher bank
         scores_t = torch.exp(torch.bmm(self.memory_s[samples], v_t[:, :, None])[:, :, 0] / self.nce_t)
         scores_s = torch.exp(torch.bmm(self.memory_t[samples], v_s[:, :, None])[:, :, 0] / self.nce_t)
-        if self.z[0] < 0:
-            self.z.copy_(torch.stack([scores_s.mean(), scores_t.mean()]).detach() * len(self.memory_s))
+        if not self.z_known:  # read once per process (a resumed run loads z), not a device sync every step
+            self.z_known = bool(self.z[0] >= 0)
+            if not self.z_known:
+                self.z.copy_(torch.stack([scores_s.mean(), scores_t.mean()]).detach() * len(self.memory_s))
+                self.z_known = True
         loss = nce_loss(scores_s / self.z[0], self.noise) + nce_loss(scores_t / self.z[1], self.noise)
         if self.training:
             with torch.no_grad():
