@@ -25,6 +25,7 @@ import shutil
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -63,56 +64,55 @@ def bench_config(args):
     stages = [s for s in cfg.stages if s.logit is not None and (args.stage is None or s.name == args.stage)]
     if not stages:
         raise ConfigError("--stage", f"no stage with a logit method named {args.stage or '(any)'} in {args.config}")
-    if cfg.cache.mode == "off":
-        cfg.cache.mode = "logits+features" if stages[0].features else "logits"
-    cfg.name = f"{cfg.name}_bench"
-    cfg.cache.dir = str(cfg.run_dir / "cache")  # a fresh cache, so its build is timed
-    return cfg, stages[0]
+    name = f"{cfg.name}_bench"
+    mode = cfg.cache.mode if cfg.cache.mode != "off" else "logits+features" if stages[0].features else "logits"
+    cache = dataclasses.replace(cfg.cache, mode=mode, dir=str(Path(cfg.output_dir) / name / "cache"))  # fresh: timed
+    return dataclasses.replace(cfg, name=name, cache=cache), stages[0]
 
 
-def train_variant(study, name, stage, cache=None):
-    """Train one fresh student (`stage` None: labels only); return its training throughput and test accuracy."""
-    student = study.new_model(study.cfg.student, "student")
-    if stage is None:
-        distiller = Distiller(student, label_smoothing=study.cfg.train.label_smoothing)
-    else:
-        distiller = Distiller.build(stage, student, study.teacher, study.sample, study.cfg.train.label_smoothing, name,
-                                    num_samples=len(study.data.train))
-    info = study.fit(name, distiller, study.cfg.train, key=name, seed=study.cfg.seed, cache=cache)
-    result = study.finish(name, distiller.student, name, info)
-    return {"epoch_seconds": info["epoch_seconds"], "images_per_s": info["train_images_per_s"],
-            "test_top1": result["test_top1"]}
+def train_variant(study, variant, stage, seed, cache=None):
+    """Train one fresh student of `seed` (`stage` None: labels only); return its training throughput and test
+    accuracy."""
+    name = f"{variant}_s{seed}"
+    distiller = Distiller(study.new_model(study.cfg.student, "student", seed),
+                          label_smoothing=study.cfg.train.label_smoothing) if stage is None \
+        else study.new_distiller(stage, seed)
+    trained = study.fit(name, distiller, study.cfg.train, key=name, seed=seed, cache=cache)
+    result = study.finish(name, distiller.student, name, trained)
+    return {"variant": variant, "seed": seed, "epoch_seconds": trained["epoch_seconds"],
+            "images_per_s": trained["train_images_per_s"], "test_top1": result["test_top1"]}
 
 
 def run(cfg, stage, seeds):
+    """Students of each seed share the study's teacher, augmentation and so its cache, built (and timed) once."""
     from kd.study import Study
     if not os.path.exists(cfg.teacher.checkpoint):
         raise ConfigError("teacher.checkpoint", f"{cfg.teacher.checkpoint} does not exist; run the study first")
     shutil.rmtree(cfg.run_dir, ignore_errors=True)  # the benchmark always starts clean
-    rows = []
-    for seed in seeds:
-        cfg.seed = seed
-        study = Study(cfg)
-        study.obtain_teacher()
-        study.teacher.to(study.device).requires_grad_(False)
-        if seed == seeds[0]:
-            rows.append({"variant": "alone", "seed": seed, **train_variant(study, f"alone_s{seed}", None)})
-            loader_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, pipeline="loader"),
+    study = Study(cfg)
+    if not study.data.tensors:
+        raise ConfigError("data.pipeline", f"bench.py times distillation from the teacher cache, which needs the "
+                          f"tensor pipeline: an in-memory dataset (cifar10, fashion_mnist) in one process; "
+                          f"'{cfg.data.dataset}' with pipeline '{cfg.data.pipeline}' runs on a DataLoader")
+    study.obtain_teacher()
+    study.teacher.requires_grad_(False)
+    loader_study = Study(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, pipeline="loader"),
                                              train=dataclasses.replace(cfg.train, epochs=1),
-                                             cache=dataclasses.replace(cfg.cache, mode="off"))
-            loader_study = Study(loader_cfg)
-            rows.append({"variant": "alone_loader", "seed": seed,
-                         **train_variant(loader_study, f"alone_loader_s{seed}", None), "test_top1": None})
-        rows.append({"variant": "live", "seed": seed, **train_variant(study, f"live_s{seed}", stage)})
-        start = time.perf_counter()
-        cache = study.teacher_cache()
-        build = time.perf_counter() - start
-        rows.append({"variant": "cached", "seed": seed, "cache_build_seconds": build,
-                     **train_variant(study, f"cached_s{seed}", stage, cache)})
-    return study, rows
+                                             cache=dataclasses.replace(cfg.cache, mode="off")))
+    rows = [train_variant(study, "alone", None, seeds[0]),
+            {**train_variant(loader_study, "alone_loader", None, seeds[0]), "test_top1": None}]
+    build = None
+    for seed in seeds:
+        rows.append(train_variant(study, "live", stage, seed))
+        if build is None:
+            start = time.perf_counter()
+            study.teacher_cache()
+            build = time.perf_counter() - start
+        rows.append(train_variant(study, "cached", stage, seed, study.teacher_cache()))
+    return study, rows, build
 
 
-def summarize(study, stage, rows):
+def summarize(study, stage, rows, build):
     alone = next(r for r in rows if r["variant"] == "alone")
     by = {v: [r for r in rows if r["variant"] == v] for v in ("alone", "alone_loader", "live", "cached")}
     lines = [f"Benchmark of stage `{stage.name}` ({study.cfg.train.epochs} epochs, {len(study.data.train)} training "
@@ -128,7 +128,6 @@ def summarize(study, stage, rows):
                      f"{epoch / alone['epoch_seconds']:.2f}x | {acc} |")
     live = statistics.fmean(r["epoch_seconds"] for r in by["live"])
     cached = statistics.fmean(r["epoch_seconds"] for r in by["cached"])
-    build = statistics.fmean(r["cache_build_seconds"] for r in by["cached"])
     loader = by["alone_loader"][0]["epoch_seconds"]
     lines += ["", f"- live / alone (b/a): {live / alone['epoch_seconds']:.2f}x; cached / alone (c/a): "
                   f"{cached / alone['epoch_seconds']:.2f}x; live / cached (b/c): {live / cached:.2f}x",
@@ -196,14 +195,14 @@ def main(argv=None):
             (cfg.run_dir / "formats.md").write_text(text)
             print("\n" + text)
             return 0
-        study, rows = run(cfg, stage, args.seeds or [cfg.seed])
+        study, rows, build = run(cfg, stage, args.seeds or [cfg.seed])
     except ConfigError as e:
         print(f"error: {args.config}: {e}", file=sys.stderr)
         return 2
     except KDError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    text = summarize(study, stage, rows)
+    text = summarize(study, stage, rows, build)
     (cfg.run_dir / "bench.json").write_text(json.dumps(rows, indent=2) + "\n")
     (cfg.run_dir / "bench.md").write_text(text)
     print("\n" + text)

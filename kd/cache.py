@@ -12,10 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
-
 from .device import autocast
 from .distiller import FeatureHooks
+from .log import Progress, info
 from .registry import KDError
 from .tensor_data import aug_params, augment
 
@@ -56,7 +55,7 @@ class TeacherCache:
             manifest = cls.build(folder, plan, teacher, images, aug, norm, seed, views, num_classes, feature_shapes,
                                  batch_size, device, amp)
         else:
-            print(f"[cache] reusing {folder}")
+            info(f"[cache] reusing {folder}")
         return cls(folder, manifest, device)
 
     @staticmethod
@@ -64,14 +63,14 @@ class TeacherCache:
         path = folder / "manifest.json"
         if not path.exists():
             if folder.exists():
-                print(f"[cache] {folder} is incomplete (no manifest); rebuilding")
+                info(f"[cache] {folder} is incomplete (no manifest); rebuilding")
             return None
         manifest = json.loads(path.read_text())
         for name, (shape, dtype) in plan.items():
             file = folder / f"{name}.npy"
             expected = manifest["arrays"].get(name, {}).get("bytes")
             if not file.exists() or file.stat().st_size != expected or manifest["arrays"][name]["shape"] != list(shape):
-                print(f"[cache] {file} is missing, truncated or of another shape; rebuilding")
+                info(f"[cache] {file} is missing, truncated or of another shape; rebuilding")
                 return None
         return manifest
 
@@ -83,7 +82,7 @@ class TeacherCache:
         need = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in plan.values())
         folder.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(folder).free
-        print(f"[cache] building {need / 2**20:.1f} MiB of teacher outputs in {folder} ({views} views)")
+        info(f"[cache] building {need / 2**20:.1f} MiB of teacher outputs in {folder} ({views} views)")
         if need > free:
             raise KDError(f"cache.dir: the teacher cache needs {need / 2**30:.2f} GiB but {folder} has "
                           f"{free / 2**30:.2f} GiB free; free space, point cache.dir elsewhere, lower cache.views "
@@ -96,8 +95,7 @@ class TeacherCache:
         teacher.eval()
         n = len(images)
         for view in range(views):
-            for start in tqdm(range(0, n, batch_size), desc=f"[cache] view {view + 1}/{views}", leave=False,
-                              disable=None):
+            for start in Progress(range(0, n, batch_size), f"[cache] view {view + 1}/{views}"):
                 idx = torch.arange(start, min(start + batch_size, n))
                 x = augment(images[idx.to(images.device)].to(device), *aug_params(idx.to(device), seed, view, *aug),
                             aug[0], *norm)

@@ -32,6 +32,15 @@ def load_yaml(text):
     return yaml.load(text, Loader=YAMLLoader)
 
 
+# Marks a field that never changes what a model learns (paths, workers, evaluation batch sizes). Run identity
+# (`to_dict(cfg, results_only=True)`) is every other field, so a new setting changes identity unless marked here.
+NOT_RESULT = {"result": False}
+
+
+def _setting(default):
+    return field(default=default, metadata=NOT_RESULT)
+
+
 @dataclass
 class AugmentConfig:
     crop_padding: int = 4  # random crop after zero padding (small images); 0 turns it off
@@ -44,17 +53,19 @@ class AugmentConfig:
 @dataclass
 class DataConfig:
     dataset: str = "fashion_mnist"
-    root: str = "data"
-    download: bool = True
+    root: str = _setting("data")  # the images' content is part of identity; where they lie is not
+    download: bool = _setting(True)
     image_size: int = 224  # folder datasets (imagenet) and fake data; fixed datasets know their own size
     val_size: int = 5000  # held out from the training split to pick checkpoints; the test split is only reported
     train_subset: int | None = None  # train on only this many images (quick runs); None = all
     test_subset: int | None = None
     split_seed: int = 0  # fixed apart from the training seed so repeated seeds share one split
     batch_size: int = 128
-    eval_batch_size: int = 512
-    num_workers: int = 2
-    pipeline: str = "auto"  # tensor: in-memory uint8 tensor, batched augmentation on the device; loader: DataLoader
+    eval_batch_size: int = _setting(512)
+    num_workers: int = _setting(2)
+    # tensor: in-memory uint8 tensor, batched augmentation on the device; loader: DataLoader. The pipeline actually
+    # used is part of identity (Data.identity), not this request.
+    pipeline: str = _setting("auto")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self, key):
@@ -84,7 +95,7 @@ class TrainConfig:
     gamma: float = 0.1
     label_smoothing: float = 0.0
     grad_clip: float | None = None  # max global gradient norm; None = no clipping
-    amp: str = "off"  # off | bf16 | fp16 (fp16 needs CUDA)
+    amp: str = "auto"  # auto (bf16 where the hardware runs it natively, else off) | off | bf16 | fp16 (CUDA only)
     channels_last: bool = False
 
     def validate(self, key):
@@ -101,7 +112,7 @@ class TrainConfig:
         _check(0 < self.gamma <= 1, f"{key}.gamma", "must be in (0, 1]", self.gamma)
         _check(0 <= self.label_smoothing < 1, f"{key}.label_smoothing", "must be in [0, 1)", self.label_smoothing)
         _check(self.grad_clip is None or self.grad_clip > 0, f"{key}.grad_clip", "must be > 0 or null", self.grad_clip)
-        _choice(self.amp, ("off", "bf16", "fp16"), f"{key}.amp")
+        _choice(self.amp, ("auto", "off", "bf16", "fp16"), f"{key}.amp")
 
 
 @dataclass
@@ -113,7 +124,9 @@ class ModelConfig:
 @dataclass
 class TeacherConfig(ModelConfig):
     name: str = "resnet18"
-    checkpoint: str = "checkpoints/teacher.pt"  # loaded when it exists, else the teacher is trained and saved here
+    checkpoint: str = _setting("checkpoints/teacher.pt")  # loaded when it exists, else trained and saved here
+    # use an existing checkpoint even when it was made under another data/recipe, or records none (report says so)
+    accept_checkpoint: bool = _setting(False)
     weights: str | None = None  # 'torchvision' (its pretrained weights) or a path to a state dict to start from
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -154,9 +167,9 @@ class CacheConfig:
     """Teacher outputs computed once per (view, image) and replayed, instead of a teacher pass every step."""
     mode: str = "off"  # off | logits | logits+features (the teacher layers that feature methods match)
     views: int = 4  # augmented views per image; student epoch e replays view e mod views
-    dir: str = "cache"
+    dir: str = _setting("cache")
     topk: int | None = None  # keep only the k largest logits per image (for many classes, as ImageNet's 1000)
-    batch_size: int = 1024  # teacher batch while building
+    batch_size: int = _setting(1024)  # teacher batch while building
 
     def validate(self, key):
         _choice(self.mode, ("off", "logits", "logits+features"), f"{key}.mode")
@@ -167,9 +180,9 @@ class CacheConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 256  # batch for throughput and memory; latency is also measured at batch 1
-    warmup: int = 5
-    repeats: int = 20
+    batch_size: int = _setting(256)  # batch for throughput and memory; latency is also measured at batch 1
+    warmup: int = _setting(5)
+    repeats: int = _setting(20)
 
     def validate(self, key):
         for name in ("batch_size", "repeats"):
@@ -179,14 +192,15 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    name: str
+    name: str = field(metadata=NOT_RESULT)
     stages: list[StageConfig]
-    output_dir: str = "runs"
+    output_dir: str = _setting("runs")
     seed: int = 0  # the teacher's, the data augmentation's and the teacher cache's seed
     seeds: list[int] | None = None  # train every student stage once per seed (mean and std reported); None = [seed]
-    plugins: list[str] = field(default_factory=list)  # modules or .py files imported first: your own methods/models
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    deterministic: bool = False
+    # modules or .py files imported first: your own methods/models
+    plugins: list[str] = field(default_factory=list, metadata=NOT_RESULT)
+    device: str = _setting("auto")  # auto | cpu | cuda | cuda:N
+    deterministic: bool = _setting(False)
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: ModelConfig = field(default_factory=ModelConfig)
@@ -350,14 +364,16 @@ def load_config(path, overrides=()):
     return cfg
 
 
-def to_dict(cfg):
-    """Plain-data view of a config, with each method's parameters back beside its name (as written in YAML)."""
+def to_dict(cfg, results_only=False):
+    """Plain-data view of a config, with each method's parameters back beside its name (as written in YAML).
+    `results_only`: only the fields that change what a model learns (not marked NOT_RESULT): the run's identity."""
     def flat(obj):
         if isinstance(obj, LossConfig):
             d = {k: flat(v) for k, v in dataclasses.asdict(obj).items() if k != "params"}
             return {**d, **obj.params}
         if dataclasses.is_dataclass(obj):
-            return {f.name: flat(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+            return {f.name: flat(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                    if not results_only or f.metadata.get("result", True)}
         if isinstance(obj, list):
             return [flat(v) for v in obj]
         return obj

@@ -1,5 +1,6 @@
 """Datasets by name, a validation split held out of the training set, and the loaders."""
 import gzip
+import hashlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,11 @@ class Data:
     mean: tuple
     std: tuple
     tensors: dict | None = None  # split -> (uint8 images, labels) when the tensor pipeline is used
+    content: str = ""  # digest of the training and validation images and labels: what the models learn from
+
+    @property
+    def pipeline(self):
+        return "tensor" if self.tensors else "loader"
 
 
 def small_image_transforms(cfg, size, mean, std):
@@ -54,6 +60,7 @@ def small_image_transforms(cfg, size, mean, std):
 
 
 def _missing(name, root, expected, error):
+    error = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return ConfigError("data.root", f"{name} not found in {root} and not downloadable here ({error}); "
                        f"put {expected} there, or set data.download: true where the network allows")
 
@@ -145,7 +152,28 @@ def build_data(cfg, distributed=False):
                 s.num_classes, s.in_channels, s.image_size, s.mean, s.std)
     if pipeline(cfg, s.train, distributed) == "tensor":
         data.tensors = {name: from_subset(getattr(data, name)) for name in ("train", "val", "test")}
+    data.content = content_digest(data)
     return data
+
+
+def content_digest(data):
+    """What the training and validation splits hold, not where they lie: the uint8 images and labels of in-memory
+    datasets, the files' paths (relative to their folder) and labels of folder datasets."""
+    h = hashlib.sha256()
+    for name in ("train", "val"):
+        split = getattr(data, name)
+        if hasattr(split.dataset, "data"):
+            images, labels = data.tensors[name] if data.tensors else from_subset(split)
+            h.update(images.numpy().tobytes())
+            h.update(labels.numpy().tobytes())
+        elif hasattr(split.dataset, "samples"):  # ImageFolder
+            root = Path(split.dataset.root)
+            for i in split.indices:
+                path, label = split.dataset.samples[i]
+                h.update(f"{Path(path).relative_to(root)}\t{label}\n".encode())
+        else:
+            h.update(f"{type(split.dataset).__name__}:{len(split)}".encode())
+    return h.hexdigest()[:16]
 
 
 def pipeline(cfg, dataset, distributed):
@@ -200,6 +228,8 @@ def make_loaders(data, cfg, device, generator, seed=0, rank=0, world=1, views=No
     return train, val, test
 
 
-def sample_batch(data, n=2):
-    """A few real validation images, for dry forward passes that size connectors and count MACs."""
-    return torch.stack([data.val[i][0] for i in range(min(n, len(data.val)))])
+def sample_batch(data, n=4):
+    """A few real validation images and their labels, for the dry passes that size connectors and check every
+    model and method before the long work."""
+    items = [data.val[i] for i in range(min(n, len(data.val)))]
+    return torch.stack([x for x, *_ in items]), torch.tensor([int(y) for _, y, *_ in items])

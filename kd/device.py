@@ -1,5 +1,6 @@
 """Device choice, torchrun processes and mixed precision, shared by training and evaluation."""
 import contextlib
+import functools
 import os
 
 import torch
@@ -21,6 +22,11 @@ def barrier():
         dist.barrier()
 
 
+def is_main():
+    """The process that writes files and prints: rank 0 under torchrun, the only one otherwise."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def resolve_device(name):
     """Under torchrun each process takes the GPU of its LOCAL_RANK."""
     if name == "auto":
@@ -32,7 +38,30 @@ def resolve_device(name):
     return torch.device(name)
 
 
+@functools.lru_cache
+def native_bf16(device):
+    """Whether `device` computes bf16 in hardware: CUDA GPUs that support it; CPUs with AVX512-BF16 or AMX. On
+    other CPUs bf16 is emulated: on an AVX2-only AMD EPYC (Zen 3) bf16 autocast ran ResNet-18 ~30x slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+def resolve_amp(amp, device):
+    """The precision `amp` means on `device`, and why: 'auto' is bf16 where it runs natively, else off (fp32)."""
+    if amp != "auto":
+        return amp, "as configured"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"this CPU ({torch.backends.cpu.get_cpu_capability()})" if device.type == "cpu" else device.type
+    if native_bf16(device):
+        return "bf16", f"{where} runs bf16 natively"
+    return "off", f"{where} has no native bf16 (CUDA bf16, AVX512-BF16 or AMX), where emulated bf16 is slower than fp32"
+
+
 def autocast(device, amp):
+    amp = resolve_amp(amp, device)[0]
     if amp == "off":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)

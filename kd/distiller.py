@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .losses import FEATURE_LOSSES, LOGIT_LOSSES, Probe, Step
-from .registry import ConfigError
+from .registry import ConfigError, blame
 
 
 class FeatureHooks:
@@ -36,6 +36,10 @@ class FeatureHooks:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+
+
+def device_of(model):
+    return next(iter(model.parameters()), torch.empty(0)).device
 
 
 def layer_names(model, depth=2):
@@ -73,10 +77,15 @@ class Distiller(nn.Module):
 
     @classmethod
     def build(cls, stage, student, teacher, sample, label_smoothing, key, num_samples=0):
-        """Create the stage's methods; their modules are sized by one dry forward pass on `sample`."""
+        """Create the stage's methods; their modules are sized by one dry forward pass of `sample`, run on the
+        device each model lives on, and live on the student's."""
         logit = None
         if stage.logit is not None:
             logit = LOGIT_LOSSES.build(stage.logit.name, f"{key}.logit", dict(stage.logit.params))
+            weight = getattr(logit, "ce_weight", None)
+            if not isinstance(logit, nn.Module) or not isinstance(weight, (int, float)) or isinstance(weight, bool):
+                raise ConfigError(f"{key}.logit", f"logit method '{stage.logit.name}' must be an nn.Module with a "
+                                  f"numeric ce_weight attribute (see kd/losses/base.py), got ce_weight={weight!r}")
         features = []
         if stage.features:
             for j, f in enumerate(stage.features):
@@ -87,16 +96,26 @@ class Distiller(nn.Module):
             s_hooks = FeatureHooks(student, *layer_keys(stage.features, "student", key))
             t_hooks = FeatureHooks(teacher, *layer_keys(stage.features, "teacher", key))
             was_training = student.training
-            with torch.no_grad(), s_hooks as s_out, t_hooks as t_out:
-                logits = student.eval()(sample)
-                teacher.eval()(sample)
+            with torch.no_grad(), s_hooks as s_out, t_hooks as t_out, \
+                    blame([(student, "student"), (teacher, "teacher")], key, "the dry forward pass failed"):
+                logits = student.eval()(sample.to(device_of(student)))
+                teacher.eval()(sample.to(device_of(teacher)))
             student.train(was_training)
             for j, f in enumerate(stage.features):
                 probe = Probe([tuple(s_out[n].shape[1:]) for n in f.student],
                               [tuple(t_out[n].shape[1:]) for n in f.teacher], num_samples, logits.shape[1])
                 method = FEATURE_LOSSES.build(f.name, f"{key}.features[{j}]", dict(f.params), probe=probe)
-                features.append((method, f.student, f.teacher, f.weight))
+                if not isinstance(method, nn.Module):
+                    raise ConfigError(f"{key}.features[{j}]", f"feature method '{f.name}' must be an nn.Module")
+                features.append((method.to(device_of(student)), f.student, f.teacher, f.weight))
         return cls(student, teacher if stage.uses_teacher else None, logit, features, label_smoothing)
+
+    def parts(self, key, student_key="student"):
+        """(module, loss term, config key) of each part whose code may fail, so an error names the key to fix."""
+        parts = [(self.student, None, student_key)] + ([(self.teacher, None, "teacher")] if self.teacher else [])
+        if self.logit is not None:
+            parts.append((self.logit, "logit", f"{key}.logit"))
+        return parts + [(m, f"feat{j}", f"{key}.features[{j}]") for j, m in enumerate(self.features)]
 
     def train(self, mode=True):
         super().train(mode)

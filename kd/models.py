@@ -5,7 +5,7 @@ import torch
 import torchvision
 from torch import nn
 
-from .registry import ConfigError, Registry, did_you_mean
+from .registry import ConfigError, Registry, check_kwargs, did_you_mean, keyword_params
 
 MODELS = Registry("model")
 SMALL_IMAGE = 64  # at or below this size, ResNets keep full resolution in the stem (CIFAR-style)
@@ -65,12 +65,27 @@ def create_model(name, key, kwargs, in_channels, num_classes, image_size):
     if name in _torchvision_classifiers():
         if in_channels != 3:
             raise ConfigError(f"{key}.name", f"torchvision model '{name}' needs 3-channel images; this data has {in_channels}")
-        try:
-            return torchvision.models.get_model(name, num_classes=num_classes, **kwargs)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"{key}.kwargs", f"torchvision model '{name}': {e}") from None
+        return torchvision_model(name, f"{key}.kwargs", dict(kwargs), num_classes)
     raise ConfigError(f"{key}.name", f"unknown model '{name}' ({did_you_mean(name, MODELS.names())}, "
                                      "or any torchvision classifier name)")
+
+
+def torchvision_model(name, key, kwargs, num_classes):
+    """A torchvision classifier, its kwargs checked like ours: the builder passes unknown ones to the model class,
+    which ignores them (`**kwargs`), so the names a config may set are the builder's own and the class's
+    optional ones (the required ones, as ResNet's `layers`, the builder supplies)."""
+    builder = torchvision.models.get_model_builder(name)
+    model = builder(num_classes=num_classes)
+    if not kwargs:
+        return model
+    params, hints = keyword_params(builder, skip=("weights", "progress", "num_classes"))
+    own, own_hints = keyword_params(type(model), skip=("num_classes",))
+    params.update({n: p for n, p in own.items() if p.default is not p.empty})
+    check_kwargs(kwargs, key, params, {**own_hints, **hints})
+    try:
+        return builder(num_classes=num_classes, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(key, f"torchvision model '{name}': {e}") from None
 
 
 def load_weights(model, name, weights, key):

@@ -59,7 +59,7 @@ def markdown(report):
     cols = [("model", lambda n, r: n),
             ("val top-1", lambda n, r: pct(r, "val_top1")),
             ("test top-1", lambda n, r: pct(r, "test_top1")),
-            ("test top-5", lambda n, r: f"{100 * r['test_top5']:.2f}"),
+            ("test top-5", lambda n, r: "-" if r["test_top5"] is None else f"{100 * r['test_top5']:.2f}"),
             ("gap vs teacher (pp)", lambda n, r: f"{100 * r['top1_gap_vs_teacher']:+.2f}"),
             ("params", lambda n, r: f"{r['params'] / 1e6:.3f}M"),
             ("checkpoint MB", lambda n, r: f"{r['checkpoint_bytes'] / MB:.2f}"),
@@ -95,11 +95,16 @@ def markdown(report):
              "Inference is measured on each stage's first seed (all seeds share the architecture). Method "
              "params (connectors, embedding heads) and state (with buffers such as memory banks) train with the "
              "student and are not deployed; train img/s includes them and the teacher's forward pass or cache "
-             "reads, not validation."]
+             "reads, not validation.",
+             f"Training precision: teacher {m['precision']['teacher.train.amp']} (if trained in this run), students "
+             f"{m['precision']['train.amp']}."]
+    if m["teacher_note"]:
+        notes.append(f"**The teacher checkpoint was used although it {m['teacher_note']}** (teacher.accept_checkpoint).")
     return "\n".join(lines + [""] + notes) + "\n"
 
 
-def write_report(run_dir, cfg, data, device, rows):
+def write_report(run_dir, cfg, data, device, rows, facts):
+    """`facts`: the study's own, {"precision": {config key: precision used}, "teacher_note": what differs or None}."""
     for name, row in rows.items():
         row["uses_teacher"] = None if name == "teacher" else next(s for s in cfg.stages if s.name == name).uses_teacher
     add_ratios(rows, cfg.eval.batch_size)
@@ -109,7 +114,7 @@ def write_report(run_dir, cfg, data, device, rows):
                        "repeats": cfg.eval.repeats,
                        "memory_method": "CUDA max_memory_allocated" if device.type == "cuda"
                        else "weights + input + peak live ATen tensor storage",
-                       "date": datetime.datetime.now().isoformat(timespec="seconds")},
+                       "date": datetime.datetime.now().isoformat(timespec="seconds"), **facts},
               "models": rows}
     write_text_atomic(run_dir / "report.json", json.dumps(report, indent=2) + "\n")
     text = markdown(report)

@@ -10,10 +10,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
-
-from .device import autocast, barrier
+from .device import autocast, barrier, is_main
 from .evaluate import accuracy
+from .log import Progress, info
 from .registry import KDError
 
 
@@ -85,7 +84,7 @@ class Trainer:
 
     def __init__(self, distiller, cfg, loaders, device, out_dir, seed, fingerprint, name, cache=None):
         self.distiller, self.cfg, self.device, self.name, self.cache = distiller, cfg, device, name, cache
-        self.main = not dist.is_initialized() or dist.get_rank() == 0  # the one process that writes files
+        self.main = is_main()  # the one process that writes files
         self.model = distiller
         if dist.is_initialized():  # gradients of the student and the methods' modules are averaged across processes
             self.model = DistributedDataParallel(distiller, device_ids=[device.index] if device.type == "cuda" else None)
@@ -123,7 +122,7 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"], self.generator)
         self.epoch, self.best, self.history = ckpt["epoch"], ckpt["best"], ckpt["history"]
-        print(f"[{self.name}] resuming after epoch {self.epoch} of {self.cfg.epochs}")
+        info(f"[{self.name}] resuming after epoch {self.epoch} of {self.cfg.epochs}")
 
     def fit(self):
         """Train the remaining epochs; return the best validation result and the mean training throughput."""
@@ -157,8 +156,7 @@ class Trainer:
             if hasattr(epoch_aware, "set_epoch"):
                 epoch_aware.set_epoch(self.epoch)
         sums, start = None, time.perf_counter()
-        bar = tqdm(self.train_loader, desc=f"[{self.name}] epoch {self.epoch + 1}/{self.cfg.epochs}",
-                   leave=False, dynamic_ncols=True, disable=None if self.main else True)
+        bar = Progress(self.train_loader, f"[{self.name}] epoch {self.epoch + 1}/{self.cfg.epochs}")
         for step, (x, y, idx) in enumerate(bar, 1):
             x = x.to(self.device, non_blocking=True, memory_format=self.memory_format)
             y = y.to(self.device, non_blocking=True)
@@ -207,5 +205,5 @@ class Trainer:
             writer.writeheader()
             writer.writerows({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in r.items()} for r in self.history)
         os.replace(tmp, self.out_dir / "metrics.csv")
-        print(f"[{self.name}] epoch {self.epoch}/{self.cfg.epochs} loss {row['train_loss']:.4f} "
+        info(f"[{self.name}] epoch {self.epoch}/{self.cfg.epochs} loss {row['train_loss']:.4f} "
               f"train {row['train_top1']:.4f} val {row['val_top1']:.4f} ({row['train_images_per_s']:.0f} img/s)")
