@@ -9,6 +9,7 @@ report.json and report.md. Finished stages are reused when the study is run agai
 continues with --resume.
 """
 import argparse
+import os
 import sys
 
 from kd.config import load_config
@@ -39,11 +40,9 @@ def main(argv=None):
         from kd.study import Study  # after validation: torch's import cost is not paid for a bad config
         Study(cfg, resume=args.resume).run()
         shutdown_distributed()
-    except ConfigError as e:  # found while building data and models: name the file as load_config does
-        print(f"error: {args.config}: {e}", file=sys.stderr)
-        return 2
-    except KDError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except KDError as e:  # a ConfigError found while building data and models names the file as load_config does
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process stops; one says why
+            print(f"error: {args.config}: {e}" if isinstance(e, ConfigError) else f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: finished stages and epoch checkpoints are kept; rerun with --resume to continue",

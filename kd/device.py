@@ -9,11 +9,12 @@ import torch.distributed as dist
 from .registry import ConfigError
 
 
-def init_distributed():
-    """Join the process group torchrun describes in the environment; a plain run is rank 0 of 1."""
+def init_distributed(device):
+    """Join the process group torchrun describes in the environment (NCCL for GPUs, gloo for CPUs, whatever the
+    machine has); a plain run is rank 0 of 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 

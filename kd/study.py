@@ -51,9 +51,9 @@ def over_seeds(results, seeds):
 class Study:
     def __init__(self, cfg, resume=False):
         self.cfg, self.resume = cfg, resume
-        self.rank, self.world = init_distributed()
-        self.main = is_main()  # under torchrun only rank 0 writes files, prints and measures inference
         self.device = resolve_device(cfg.device)
+        self.rank, self.world = init_distributed(self.device)
+        self.main = is_main()  # under torchrun only rank 0 writes files, prints and measures inference
         if cfg.data.batch_size % self.world:
             raise ConfigError("data.batch_size", f"{cfg.data.batch_size} does not split evenly over {self.world} processes")
         self.precision, decisions = {}, {}

@@ -26,7 +26,7 @@ BASE = {
     "teacher": {"name": "cnn", "kwargs": {"channels": [8, 16], "blocks": 1}, "train": {"epochs": 1},
                 "accept_checkpoint": True},
     "student": {"name": "cnn", "kwargs": {"channels": [4, 8], "blocks": 1}},
-    "train": {"epochs": 2},
+    "train": {"epochs": 2, "amp": "off"},  # explicit, so the `amp` case below changes the precision on any device
     "cache": {"mode": "logits+features", "views": 2},
     "stages": [{"name": "kdf", "logit": {"name": "kd"},
                 "features": [{"name": "fitnets", "student": "stages.1", "teacher": "stages.1"}]}],

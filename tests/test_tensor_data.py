@@ -183,11 +183,11 @@ def test_loader_pixels_replay_from_seed_view_and_index_alone(device, channels):
     assert loader.view == 3
     stats = ((0.5,) * channels, (0.25,) * channels)
     for x, _, idx in loader:
-        for k, i in enumerate(idx.tolist()):
-            one = torch.tensor([i])
-            replay = augment(images[i:i + 1], *aug_params(one, SEED, 3, AUG.crop_padding, AUG.hflip),
+        for k, i in enumerate(idx.tolist()):  # on the loader's device: float rounding may differ between devices
+            one = torch.tensor([i], device=device)
+            replay = augment(images[i:i + 1].to(device), *aug_params(one, SEED, 3, AUG.crop_padding, AUG.hflip),
                              AUG.crop_padding, *stats)[0]
-            assert torch.equal(x[k].cpu(), replay)
+            assert torch.equal(x[k], replay)
 
 
 def by_index(loader, epoch):
