@@ -33,7 +33,7 @@ from kd.config import load_config
 from kd.device import autocast
 from kd.distiller import Distiller
 from kd.evaluate import timed
-from kd.registry import ConfigError, KDError
+from kd.errors import ConfigError, KDError
 from kd.report import device_name
 
 
@@ -65,9 +65,13 @@ def bench_config(args):
     if not stages:
         raise ConfigError("--stage", f"no stage with a logit method named {args.stage or '(any)'} in {args.config}")
     name = f"{cfg.name}_bench"
-    mode = cfg.cache.mode if cfg.cache.mode != "off" else "logits+features" if stages[0].features else "logits"
-    cache = dataclasses.replace(cfg.cache, mode=mode, dir=str(Path(cfg.output_dir) / name / "cache"))  # fresh: timed
+    cache = dataclasses.replace(cfg.cache, dir=str(Path(cfg.output_dir) / name / "cache"))  # fresh, so it is timed
     return dataclasses.replace(cfg, name=name, cache=cache), stages[0]
+
+
+def cache_mode(stage):
+    """What the cached variant replays: the teacher's logits, and the layers the stage's feature methods match."""
+    return "logits+features" if stage.features else "logits"
 
 
 def train_variant(study, variant, stage, seed, cache=None):
@@ -76,11 +80,12 @@ def train_variant(study, variant, stage, seed, cache=None):
     name = f"{variant}_s{seed}"
     distiller = Distiller(study.new_model(study.cfg.student, "student", seed),
                           label_smoothing=study.cfg.train.label_smoothing) if stage is None \
-        else study.new_distiller(stage, seed)
-    trained = study.fit(name, distiller, study.cfg.train, key=name, seed=seed, cache=cache)
-    result = study.finish(name, distiller.student, name, trained)
+        else study.new_distiller(stage, seed, cache)
+    trained = study.fit(name, distiller, study.cfg.train, key=name, seed=seed,
+                        views=study.cfg.cache.views if cache else None)
+    result = study.finish(name, distiller.student, name, str(study.folder.best(name)), trained)
     return {"variant": variant, "seed": seed, "epoch_seconds": trained["epoch_seconds"],
-            "images_per_s": trained["train_images_per_s"], "test_top1": result["test_top1"]}
+            "images_per_s": trained["train_images_per_s"], "test_top1": result.test_top1}
 
 
 def run(cfg, stage, seeds):
@@ -106,7 +111,7 @@ def run(cfg, stage, seeds):
         rows.append(train_variant(study, "live", stage, seed))
         if build is None:
             start = time.perf_counter()
-            study.teacher_cache()
+            study.teacher_cache(mode=cache_mode(stage))
             build = time.perf_counter() - start
         rows.append(train_variant(study, "cached", stage, seed, study.teacher_cache()))
     return study, rows, build
@@ -131,7 +136,7 @@ def summarize(study, stage, rows, build):
     loader = by["alone_loader"][0]["epoch_seconds"]
     lines += ["", f"- live / alone (b/a): {live / alone['epoch_seconds']:.2f}x; cached / alone (c/a): "
                   f"{cached / alone['epoch_seconds']:.2f}x; live / cached (b/c): {live / cached:.2f}x",
-              f"- cache build (one-off, {study.cfg.cache.views} views, mode {study.cfg.cache.mode}): {build:.1f} s",
+              f"- cache build (one-off, {study.cfg.cache.views} views, mode {cache_mode(stage)}): {build:.1f} s",
               f"- student alone, DataLoader epoch / tensor-pipeline epoch: {loader / alone['epoch_seconds']:.2f}x"]
     return "\n".join(lines) + "\n"
 

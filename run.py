@@ -13,17 +13,34 @@ import os
 import sys
 
 from kd.config import load_config
-from kd.registry import ConfigError, KDError
+from kd.errors import ConfigError, KDError
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="study YAML file (see configs/ and the README's reference)")
+    p.add_argument("--config", help="study YAML file (see configs/ and the README's reference)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, value parsed as YAML; repeatable (e.g. train.epochs=5, stages.1.logit.temperature=2)")
     p.add_argument("--resume", action="store_true", help="continue unfinished stages from their last epoch checkpoint")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides the config's device")
-    return p.parse_args(argv)
+    p.add_argument("--list", action="store_true", help="list the registered datasets, models and distillation "
+                   "methods with their parameters (with --config, its plugins' too), then exit")
+    args = p.parse_args(argv)
+    if not args.config and not args.list:
+        p.error("--config is required")
+    return args
+
+
+def print_registries():
+    from kd.data import DATASETS
+    from kd.losses import FEATURE_LOSSES, LOGIT_LOSSES
+    from kd.models import MODELS
+    for title, registry in (("datasets (data.dataset)", DATASETS), ("models (teacher.name, student.name; "
+                            "and any torchvision classifier by name)", MODELS), ("logit methods (stages[i].logit)",
+                            LOGIT_LOSSES), ("feature methods (stages[i].features)", FEATURE_LOSSES)):
+        print(f"{title}:")
+        for line in registry.listing():
+            print(f"  {line}")
 
 
 def shutdown_distributed():
@@ -36,7 +53,10 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         overrides = args.set + ([f"device={args.device}"] if args.device else [])
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, overrides) if args.config else None
+        if args.list:
+            print_registries()
+            return 0
         from kd.study import Study  # after validation: torch's import cost is not paid for a bad config
         Study(cfg, resume=args.resume).run()
         shutdown_distributed()

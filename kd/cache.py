@@ -4,21 +4,20 @@ Correct under random augmentation by construction: the tensor pipeline's crop an
 function of (seed, view, index), so student epoch e replays view e mod K with exactly the pixels the teacher saw.
 A per-index cache without views (as in torchdistill) would pair outputs with the wrong crops.
 """
-import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
-from .device import autocast
-from .distiller import FeatureHooks
-from .log import Progress, info
-from .registry import KDError
-from .tensor_data import aug_params, augment
 
-FORMAT = 1
+from .config import to_dict
+from .device import autocast
+from .errors import KDError
+from .log import Progress, info
+from .store import fingerprint, write_text
+
+FORMAT = 2
 
 
 class TeacherCache:
@@ -44,16 +43,17 @@ class TeacherCache:
         return arrays
 
     @classmethod
-    def open_or_build(cls, root, key_parts, teacher, images, aug, norm, seed, views, num_classes, topk,
-                      feature_shapes, batch_size, device, amp="off"):
-        """Reuse the cache whose key matches everything that shapes the outputs; build it otherwise."""
-        key = hashlib.sha256(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        folder = Path(root) / key
-        plan = cls.plan(len(images), views, num_classes, topk, feature_shapes)
+    def open_or_build(cls, cfg, identity, feature_shapes, teacher, taps, loader, num_classes, device, amp):
+        """Reuse the cache whose key matches everything that shapes the stored outputs, build it otherwise.
+        `identity`: what comes from outside (the training images, augmentation and its seed, the teacher's
+        weights, the precision); the cache adds its own settings and the recorded layers' shapes. `loader` is
+        the students' training loader, unshuffled: the cache records the very pixels they train on."""
+        key = fingerprint(FORMAT, identity, to_dict(cfg, results_only=True), feature_shapes)
+        folder = Path(cfg.dir) / key
+        plan = cls.plan(loader.dataset_size, cfg.views, num_classes, cfg.topk, feature_shapes)
         manifest = cls.read_valid_manifest(folder, plan)
         if manifest is None:
-            manifest = cls.build(folder, plan, teacher, images, aug, norm, seed, views, num_classes, feature_shapes,
-                                 batch_size, device, amp)
+            manifest = cls.build(folder, plan, teacher, taps, loader, cfg.views, num_classes, device, amp)
         else:
             info(f"[cache] reusing {folder}")
         return cls(folder, manifest, device)
@@ -75,10 +75,9 @@ class TeacherCache:
         return manifest
 
     @staticmethod
-    def build(folder, plan, teacher, images, aug, norm, seed, views, num_classes, feature_shapes, batch_size, device,
-              amp="off"):
-        """One teacher pass per view, in inference mode and in the students' precision (`amp`), as a live
-        teacher would run inside their training step."""
+    def build(folder, plan, teacher, taps, loader, views, num_classes, device, amp):
+        """One teacher pass per view over `loader`, in inference mode and in the students' precision (`amp`), as
+        a live teacher would run inside their training step."""
         need = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in plan.values())
         folder.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(folder).free
@@ -90,34 +89,31 @@ class TeacherCache:
         (folder / "manifest.json").unlink(missing_ok=True)
         arrays = {name: np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
                   for name, (shape, dtype) in plan.items()}
-        layers = list(feature_shapes)
-        hooks = FeatureHooks(teacher, layers, layers)
+        layers = [name.split(".", 1)[1] for name in plan if name.startswith("feature.")]
         teacher.eval()
-        n = len(images)
+        taps.take()
         for view in range(views):
-            for start in Progress(range(0, n, batch_size), f"[cache] view {view + 1}/{views}"):
-                idx = torch.arange(start, min(start + batch_size, n))
-                x = augment(images[idx.to(images.device)].to(device), *aug_params(idx.to(device), seed, view, *aug),
-                            aug[0], *norm)
-                with torch.inference_mode(), autocast(device, amp), hooks as features:
-                    logits = teacher(x).float()
+            loader.set_epoch(view)
+            for batch in Progress(loader, f"[cache] view {view + 1}/{views}"):
+                rows = batch.index.cpu().numpy()
+                with torch.inference_mode(), autocast(device, amp):
+                    logits = teacher(batch.images).float()
+                features = taps.take()
                 if "logits" in arrays:
-                    arrays["logits"][view, start:start + len(idx)] = logits.cpu().numpy()
+                    arrays["logits"][view, rows] = logits.cpu().numpy()
                 else:
                     k = arrays["topk_values"].shape[-1]
                     values, classes = logits.topk(k, dim=1)
-                    arrays["topk_values"][view, start:start + len(idx)] = values.cpu().numpy()
-                    arrays["topk_indices"][view, start:start + len(idx)] = classes.cpu().numpy()
+                    arrays["topk_values"][view, rows] = values.cpu().numpy()
+                    arrays["topk_indices"][view, rows] = classes.cpu().numpy()
                 for layer in layers:
-                    arrays[f"feature.{layer}"][view, start:start + len(idx)] = features[layer].float().cpu().numpy()
+                    arrays[f"feature.{layer}"][view, rows] = features[layer].float().cpu().numpy()
         for array in arrays.values():
             array.flush()
-        manifest = {"format": FORMAT, "views": views, "size": n, "seed": seed, "num_classes": num_classes,
+        manifest = {"format": FORMAT, "views": views, "size": loader.dataset_size, "num_classes": num_classes,
                     "arrays": {name: {"shape": list(shape), "bytes": (folder / f"{name}.npy").stat().st_size}
                                for name, (shape, _) in plan.items()}}
-        tmp = folder / "manifest.json.tmp"
-        tmp.write_text(json.dumps(manifest, indent=2))
-        os.replace(tmp, folder / "manifest.json")
+        write_text(folder / "manifest.json", json.dumps(manifest, indent=2))
         return manifest
 
     def lookup(self, view, idx):

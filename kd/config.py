@@ -11,7 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from .registry import ConfigError, KDError, coerce, did_you_mean
+from .errors import ConfigError, KDError, did_you_mean
+from .registry import coerce
 
 
 class YAMLLoader(yaml.SafeLoader):
@@ -140,11 +141,12 @@ class LossConfig:
 
 @dataclass
 class FeatureConfig(LossConfig):
-    """Module names (as in model.named_modules()) whose outputs the method matches: one name, or a list for
-    methods that take several layers (reviewkd, at)."""
+    """Module names (as in model.named_modules()) whose outputs (or, with io: input, inputs) the method matches:
+    one name, or a list for methods that take several layers (reviewkd, at)."""
     student: str | list[str] = ""
     teacher: str | list[str] = ""
     weight: float = 1.0
+    io: str = "output"
 
     def __post_init__(self):
         self.student, self.teacher = ([v] if isinstance(v, str) else list(v) for v in (self.student, self.teacher))
@@ -236,6 +238,19 @@ class Config:
                 _check(all(f.student) and all(f.teacher) and f.student and f.teacher, f"stages[{i}].features[{j}]",
                        "needs both 'student' and 'teacher' layer names", f"{f.student!r}/{f.teacher!r}")
                 _check(f.weight >= 0, f"stages[{i}].features[{j}].weight", "must be >= 0", f.weight)
+                _choice(f.io, ("output", "input"), f"stages[{i}].features[{j}].io")
+
+
+def validate_runtime(cfg, device, world, in_memory):
+    """The checks that need the machine or the data, run as soon as both are known, before any work."""
+    if cfg.data.batch_size % world:
+        raise ConfigError("data.batch_size", f"{cfg.data.batch_size} does not split evenly over {world} processes")
+    for key, train_cfg in (("teacher.train.amp", cfg.teacher.train), ("train.amp", cfg.train)):
+        if train_cfg.amp == "fp16" and device.type != "cuda":
+            raise ConfigError(key, "fp16 needs a CUDA device; use auto, bf16 or off on a CPU")
+    if cfg.cache.mode != "off" and not in_memory:
+        raise ConfigError("cache.mode", "the teacher cache replays the tensor pipeline's augmentations; it needs "
+                                        "an in-memory dataset (cifar10, fashion_mnist) in one process")
 
 
 def _check(ok, key, message, value):

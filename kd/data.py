@@ -10,10 +10,11 @@ import torchvision
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import transforms as T
 
-from .registry import ConfigError, Registry
-from .tensor_data import TensorLoader, from_subset
+from .errors import ConfigError
+from .registry import Registry
+from .tensor_data import Batch, TensorLoader, from_subset
 
-DATASETS = Registry("dataset")
+DATASETS = Registry("dataset", context=("cfg",))
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
 
 
@@ -67,6 +68,7 @@ def _missing(name, root, expected, error):
 
 @DATASETS.register("cifar10")
 def cifar10(cfg):
+    """CIFAR-10, 32x32 colour, 10 classes: torchvision's python batches under data.root (downloaded if allowed)."""
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
     train_tf, eval_tf = small_image_transforms(cfg, 32, mean, std)
     try:
@@ -92,6 +94,7 @@ def stage_debian_fashion_mnist(raw_folder):
 
 @DATASETS.register("fashion_mnist")
 def fashion_mnist(cfg):
+    """Fashion-MNIST, 28x28 grey, 10 classes: torchvision's files, or Debian's dataset-fashion-mnist package."""
     stage_debian_fashion_mnist(Path(cfg.root) / "FashionMNIST" / "raw")
     mean, std = (0.2860,), (0.3530,)
     train_tf, eval_tf = small_image_transforms(cfg, 28, mean, std)
@@ -136,9 +139,9 @@ def fake(cfg):
     return Splits(train, plain, test, 10, 3, cfg.image_size, mean, std)
 
 
-def build_data(cfg, distributed=False):
+def build_data(cfg, device=torch.device("cpu"), distributed=False):
     """Hold out `val_size` training images (fixed by split_seed) for checkpoint selection; for the tensor
-    pipeline, gather each split into one uint8 tensor."""
+    pipeline, gather each split into one uint8 tensor, placed on `device` once for every loader of the study."""
     s = DATASETS.get(cfg.dataset, "data.dataset")(cfg)
     n = len(s.train)
     if cfg.val_size >= n:
@@ -153,6 +156,8 @@ def build_data(cfg, distributed=False):
     if pipeline(cfg, s.train, distributed) == "tensor":
         data.tensors = {name: from_subset(getattr(data, name)) for name in ("train", "val", "test")}
     data.content = content_digest(data)
+    if data.tensors:
+        data.tensors = {k: (x.to(device), y.to(device)) for k, (x, y) in data.tensors.items()}
     return data
 
 
@@ -201,31 +206,54 @@ class Indexed(Dataset):
         return (*self.dataset[i], i)
 
 
-def make_loaders(data, cfg, device, generator, seed=0, rank=0, world=1, views=None, aug_seed=None):
+class EpochLoader:
+    """A torch DataLoader as a training loader, like TensorLoader: yields Batch, `set_epoch` reshuffles a
+    DistributedSampler's shares, and `generator` (the order and the workers' augmentation seeds) is the state a
+    checkpoint restores for exact resume."""
+
+    def __init__(self, loader):
+        self.loader, self.generator = loader, loader.generator
+
+    def set_epoch(self, epoch):
+        if isinstance(self.loader.sampler, DistributedSampler):
+            self.loader.sampler.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        return (Batch(x, y, index) for x, y, index in self.loader)
+
+
+def train_loader(data, cfg, device, seed, *, views=None, aug_seed=None, shuffle=True, batch_size=None, rank=0,
+                 world=1):
     """Tensor pipeline: order and augmentation are functions of (seed, epoch) and (aug_seed or seed, view, index),
-    and `views` cycles the augmentations as the teacher cache recorded them. DataLoader: order (and workers'
-    augmentation seeds) come from `generator`, so a resumed run that restores its state sees the same batches;
-    under torchrun each of the `world` processes takes its share of every epoch and of `batch_size`."""
+    `views` cycles the augmentations as the teacher cache records them, and `shuffle=False` (every image once, in
+    order) is how the cache is built, from the very pixels the students train on. DataLoader: order (and the
+    workers' augmentation seeds) come from a generator seeded with `seed`; under torchrun each of the `world`
+    processes takes its share of every epoch and of the batch."""
+    batch_size = batch_size or cfg.batch_size
+    drop = shuffle and len(data.train) > batch_size
     if data.tensors:
-        drop = len(data.train) > cfg.batch_size
-        train = TensorLoader(*data.tensors["train"], cfg.batch_size, shuffle=True, drop_last=drop, seed=seed,
-                             augment_cfg=cfg.augment, mean=data.mean, std=data.std, device=device, views=views,
-                             aug_seed=aug_seed)
-        return (train, *(TensorLoader(*data.tensors[split], cfg.eval_batch_size, shuffle=False, drop_last=False,
-                                      seed=seed, mean=data.mean, std=data.std, device=device)
-                         for split in ("val", "test")))
-    pin = device.type == "cuda"
-    common = dict(num_workers=cfg.num_workers, pin_memory=pin, persistent_workers=False)
+        return TensorLoader(*data.tensors["train"], batch_size, shuffle=shuffle, drop_last=drop, seed=seed,
+                            augment_cfg=cfg.augment, mean=data.mean, std=data.std, device=device, views=views,
+                            aug_seed=aug_seed)
+    generator = torch.Generator().manual_seed(seed)
+    common = dict(num_workers=cfg.num_workers, pin_memory=device.type == "cuda", generator=generator)
     if world > 1:
-        sampler = DistributedSampler(data.train, world, rank, shuffle=True, seed=seed, drop_last=True)
-        train = DataLoader(Indexed(data.train), cfg.batch_size // world, sampler=sampler, drop_last=True,
-                           generator=generator, **common)
-    else:
-        train = DataLoader(Indexed(data.train), cfg.batch_size, shuffle=True,
-                           drop_last=len(data.train) > cfg.batch_size, generator=generator, **common)
-    val = DataLoader(data.val, cfg.eval_batch_size, **common)
-    test = DataLoader(data.test, cfg.eval_batch_size, **common)
-    return train, val, test
+        sampler = DistributedSampler(data.train, world, rank, shuffle=shuffle, seed=seed, drop_last=True)
+        return EpochLoader(DataLoader(Indexed(data.train), batch_size // world, sampler=sampler, drop_last=True,
+                                      **common))
+    return EpochLoader(DataLoader(Indexed(data.train), batch_size, shuffle=shuffle, drop_last=drop, **common))
+
+
+def eval_loaders(data, cfg, device):
+    """Validation and test loaders: every image once, in order, unaugmented."""
+    if data.tensors:
+        return tuple(TensorLoader(*data.tensors[split], cfg.eval_batch_size, shuffle=False, drop_last=False, seed=0,
+                                  mean=data.mean, std=data.std, device=device) for split in ("val", "test"))
+    return tuple(DataLoader(split, cfg.eval_batch_size, num_workers=cfg.num_workers,
+                            pin_memory=device.type == "cuda") for split in (data.val, data.test))
 
 
 def sample_batch(data, n=4):

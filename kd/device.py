@@ -2,11 +2,12 @@
 import contextlib
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from .registry import ConfigError
+from .errors import ConfigError
 
 
 def init_distributed(device):
@@ -71,3 +72,34 @@ def autocast(device, amp):
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@dataclass
+class Runtime:
+    """Where this process runs: its device, torchrun rank and world size, and the precision each recipe trains in
+    (config key -> 'fp32', 'bf16' or 'fp16'), with the reasons, to be printed."""
+    device: torch.device
+    rank: int
+    world: int
+    precision: dict
+    decisions: list
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+def setup(cfg):
+    """The runtime a config asks for: device, process group, precision per recipe, determinism."""
+    device = resolve_device(cfg.device)
+    rank, world = init_distributed(device)
+    precision, decisions = {}, {}
+    for key, train_cfg in (("teacher.train.amp", cfg.teacher.train), ("train.amp", cfg.train)):
+        amp, why = resolve_amp(train_cfg.amp, device)
+        precision[key] = "fp32" if amp == "off" else amp
+        decisions.setdefault(f"{train_cfg.amp} -> {precision[key]} ({why})", []).append(key)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = not cfg.deterministic
+    return Runtime(device, rank, world, precision, [f"{' and '.join(k)}: {d}" for d, k in decisions.items()])

@@ -1,45 +1,40 @@
 """The Distiller: a student, an optional frozen teacher, and the distillation methods that tie them together."""
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ConfigError, blame
 from .losses import FEATURE_LOSSES, LOGIT_LOSSES, Probe, Step
-from .registry import ConfigError, blame
 
 
-class FeatureHooks:
-    """While active (a `with` block), records the outputs of named modules with forward hooks.
+def tap_key(name, io="output"):
+    """How a recorded feature is named: the module's name for its output, `name:input` for its input."""
+    return name if io == "output" else f"{name}:{io}"
 
-    Hooks exist only inside the block, so the same teacher or student used elsewhere (its own training,
-    evaluation, latency measurement) runs unhooked, and no activation outlives the step that made it.
-    """
 
-    def __init__(self, model, names, keys):
+class Taps:
+    """Records the outputs (or inputs) of named modules on every forward pass, through forward hooks registered
+    once, when the model is built: no per-step hook bookkeeping, and a graph that torch.compile can trace.
+    `take()` hands over what the last forward pass recorded. `layers`: (name, io, config key) triples."""
+
+    def __init__(self, model, layers=()):
         modules = dict(model.named_modules())
-        for name, key in zip(names, keys):
+        self.outputs = {}
+        for name, io, key in layers:
             if name not in modules:
                 raise ConfigError(key, f"no layer '{name}' in this model; layers: {layer_names(model)}")
-        self.modules = {name: modules[name] for name in names}
-        self.outputs, self.handles = {}, []
+        self.keys = list(dict.fromkeys(tap_key(name, io) for name, io, _ in layers))
+        for name, io in dict.fromkeys((name, io) for name, io, _ in layers):
+            modules[name].register_forward_hook(functools.partial(self._record, tap_key(name, io), io == "input"))
 
-    def _keep(self, name):
-        def hook(module, inputs, output):
-            self.outputs[name] = output
-        return hook
+    def _record(self, key, take_input, module, inputs, output):
+        self.outputs[key] = inputs[0] if take_input else output
 
-    def __enter__(self):
-        self.outputs = {}
-        self.handles = [m.register_forward_hook(self._keep(n)) for n, m in self.modules.items()]
-        return self.outputs
-
-    def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-
-
-def device_of(model):
-    return next(iter(model.parameters()), torch.empty(0)).device
+    def take(self):
+        outputs, self.outputs = self.outputs, {}
+        return outputs
 
 
 def layer_names(model, depth=2):
@@ -47,38 +42,42 @@ def layer_names(model, depth=2):
     return ", ".join(n for n, _ in model.named_modules() if n and n.count(".") < depth)
 
 
-def layer_keys(features, side, key):
-    """Each hooked layer name once, with the config key that first names it (for error messages)."""
-    keys = {}
-    for j, f in enumerate(features):
-        for name in getattr(f, side):
-            keys.setdefault(name, f"{key}.features[{j}].{side}")
-    return list(keys), list(keys.values())
+def feature_layers(stages, side, key=None):
+    """(name, io, config key) of every layer that feature methods match on `side` ('student' or 'teacher'), over
+    `stages` (the stage's config key given as `key` when there is one stage)."""
+    return [(name, f.io, f"{key or f'stages[{i}]'}.features[{j}].{side}")
+            for i, stage in enumerate(stages) for j, f in enumerate(stage.features) for name in getattr(f, side)]
+
+
+def device_of(model):
+    return next(iter(model.parameters()), torch.empty(0)).device
 
 
 class Distiller(nn.Module):
     """Trains `student`; the teacher stays in eval mode, runs without autograd and is not in `learnable()`.
 
     The loss is ce_weight * CE + the logit method's term + sum of weight * feature term. With no methods it is
-    plain cross-entropy, which is how the baseline student and the teacher itself are trained.
+    plain cross-entropy, which is how the baseline student and the teacher itself are trained. The teacher's
+    outputs come from one place, `teacher_outputs`: replayed from `cache` when there is one, else computed.
     """
 
-    def __init__(self, student, teacher=None, logit=None, features=(), label_smoothing=0.0):
+    def __init__(self, student, teacher=None, logit=None, features=(), label_smoothing=0.0, student_taps=None,
+                 teacher_taps=None, cache=None):
         super().__init__()
         self.student, self.teacher = student, teacher
         self.logit = logit
         self.features = nn.ModuleList(method for method, *_ in features)
-        self.pairs = [(s, t, w) for _, s, t, w in features]
+        self.pairs = [(s, t, w) for _, s, t, w in features]  # tap keys on each side, and the term's weight
         self.label_smoothing = label_smoothing
-        s_names = list(dict.fromkeys(n for s, _, _ in self.pairs for n in s))
-        t_names = list(dict.fromkeys(n for _, t, _ in self.pairs for n in t))
-        self.student_hooks = FeatureHooks(student, s_names, s_names)
-        self.teacher_hooks = FeatureHooks(teacher, t_names, t_names) if teacher else None
+        self.student_taps = student_taps or Taps(student)
+        self.teacher_taps, self.cache = teacher_taps, cache
 
     @classmethod
-    def build(cls, stage, student, teacher, sample, label_smoothing, key, num_samples=0):
+    def build(cls, stage, student, teacher, sample, label_smoothing, key, num_samples=0, cache=None,
+              teacher_taps=None):
         """Create the stage's methods; their modules are sized by one dry forward pass of `sample`, run on the
-        device each model lives on, and live on the student's."""
+        device each model lives on, and live on the student's. `teacher_taps`: a study's taps on its teacher,
+        shared by its stages (they must record this stage's teacher layers); by default the stage's own."""
         logit = None
         if stage.logit is not None:
             logit = LOGIT_LOSSES.build(stage.logit.name, f"{key}.logit", dict(stage.logit.params))
@@ -86,6 +85,8 @@ class Distiller(nn.Module):
             if not isinstance(logit, nn.Module) or not isinstance(weight, (int, float)) or isinstance(weight, bool):
                 raise ConfigError(f"{key}.logit", f"logit method '{stage.logit.name}' must be an nn.Module with a "
                                   f"numeric ce_weight attribute (see kd/losses/base.py), got ce_weight={weight!r}")
+        student_taps = Taps(student, feature_layers([stage], "student", key))
+        teacher_taps = teacher_taps or Taps(teacher, feature_layers([stage], "teacher", key))
         features = []
         if stage.features:
             for j, f in enumerate(stage.features):
@@ -93,22 +94,22 @@ class Distiller(nn.Module):
                 if len(f.student) != len(f.teacher) or want is not None and len(f.student) != want:
                     raise ConfigError(f"{key}.features[{j}]", f"'{f.name}' matches {want or 'the same number of'} "
                                       f"student and teacher layer(s); got {len(f.student)} and {len(f.teacher)}")
-            s_hooks = FeatureHooks(student, *layer_keys(stage.features, "student", key))
-            t_hooks = FeatureHooks(teacher, *layer_keys(stage.features, "teacher", key))
             was_training = student.training
-            with torch.no_grad(), s_hooks as s_out, t_hooks as t_out, \
-                    blame([(student, "student"), (teacher, "teacher")], key, "the dry forward pass failed"):
+            with torch.no_grad(), blame([(student, "student"), (teacher, "teacher")], key, "the dry forward pass failed"):
                 logits = student.eval()(sample.to(device_of(student)))
                 teacher.eval()(sample.to(device_of(teacher)))
+            s_out, t_out = student_taps.take(), teacher_taps.take()
             student.train(was_training)
             for j, f in enumerate(stage.features):
-                probe = Probe([tuple(s_out[n].shape[1:]) for n in f.student],
-                              [tuple(t_out[n].shape[1:]) for n in f.teacher], num_samples, logits.shape[1])
+                s_keys, t_keys = [tap_key(n, f.io) for n in f.student], [tap_key(n, f.io) for n in f.teacher]
+                probe = Probe([tuple(s_out[k].shape[1:]) for k in s_keys], [tuple(t_out[k].shape[1:]) for k in t_keys],
+                              num_samples, logits.shape[1])
                 method = FEATURE_LOSSES.build(f.name, f"{key}.features[{j}]", dict(f.params), probe=probe)
                 if not isinstance(method, nn.Module):
                     raise ConfigError(f"{key}.features[{j}]", f"feature method '{f.name}' must be an nn.Module")
-                features.append((method.to(device_of(student)), f.student, f.teacher, f.weight))
-        return cls(student, teacher if stage.uses_teacher else None, logit, features, label_smoothing)
+                features.append((method.to(device_of(student)), s_keys, t_keys, f.weight))
+        return cls(student, teacher if stage.uses_teacher else None, logit, features, label_smoothing, student_taps,
+                   teacher_taps, cache)
 
     def parts(self, key, student_key="student"):
         """(module, loss term, config key) of each part whose code may fail, so an error names the key to fix."""
@@ -127,24 +128,31 @@ class Distiller(nn.Module):
         """What the optimizer trains and a checkpoint saves: the student plus the methods' own modules."""
         return nn.ModuleDict({"student": self.student, "logit": self.logit or nn.Identity(), "features": self.features})
 
-    def forward(self, x, y, teacher_out=None, index=None, epoch=0.0):
-        """`teacher_out` ({"logits", "features"} from the teacher cache) replaces the teacher's forward pass;
-        `index` (dataset indices) and `epoch` (fractional training progress) are passed on to the methods."""
-        with self.student_hooks as s_out:
-            logits = self.student(x)
-        ce = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+    def teacher_outputs(self, batch):
+        """{"logits", "features"} of the teacher for `batch`: replayed from the cache (the view and indices say
+        which), or computed without autograd."""
+        if self.cache is not None:
+            return self.cache.lookup(batch.view, batch.index)
+        with torch.no_grad():
+            logits = self.teacher(batch.images)
+        return {"logits": logits, "features": self.teacher_taps.take()}
+
+    def forward(self, batch, epoch=0.0):
+        """Loss terms for a Batch; `epoch` (fractional training progress) and the batch's labels and dataset
+        indices are passed on to the methods."""
+        logits = self.student(batch.images)
+        student_features = self.student_taps.take()
+        ce = F.cross_entropy(logits.float(), batch.labels, label_smoothing=self.label_smoothing)
         terms = {"ce": ce}
         loss = ce
         if self.teacher is not None:
-            if teacher_out is None:
-                with torch.no_grad(), self.teacher_hooks as t_out:
-                    teacher_out = {"logits": self.teacher(x), "features": t_out}
-            step = Step(y, index, epoch)
+            teacher = self.teacher_outputs(batch)
+            step = Step(batch.labels, batch.index, epoch)
             if self.logit is not None:
-                terms["logit"] = self.logit(logits, teacher_out["logits"], step)
+                terms["logit"] = self.logit(logits, teacher["logits"], step)
                 loss = self.logit.ce_weight * ce + terms["logit"]
             for j, (method, (s, t, w)) in enumerate(zip(self.features, self.pairs)):
-                terms[f"feat{j}"] = method([s_out[n] for n in s], [teacher_out["features"][n] for n in t], step)
+                terms[f"feat{j}"] = method([student_features[k] for k in s], [teacher["features"][k] for k in t], step)
                 loss = loss + w * terms[f"feat{j}"]
         terms["loss"] = loss
         return logits, terms

@@ -28,12 +28,15 @@ class Progress:
             yield from self.bar
             return
         total = len(self.iterable) if hasattr(self.iterable, "__len__") else "?"
+        start = time.perf_counter()
         for item in self.iterable:
             yield item
             self.step += 1
-            if time.perf_counter() - self.last >= self.every:
-                self.last = time.perf_counter()
-                info(f"{self.desc}: {self.step}/{total} " + " ".join(f"{k}={v}" for k, v in self.postfix.items()))
+            now = time.perf_counter()
+            if now - self.last >= self.every:
+                self.last = now
+                info(f"{self.desc}: {self.step}/{total} in {now - start:.0f} s ({self.step / (now - start):.2f} it/s) "
+                     + " ".join(f"{k}={v}" for k, v in self.postfix.items()))
 
     def set_postfix(self, **values):
         if self.bar is not None:

@@ -5,9 +5,10 @@ import torch
 import torchvision
 from torch import nn
 
-from .registry import ConfigError, Registry, check_kwargs, did_you_mean, keyword_params
+from .errors import ConfigError, did_you_mean
+from .registry import Registry, check_kwargs, keyword_params
 
-MODELS = Registry("model")
+MODELS = Registry("model", context=("in_channels", "num_classes", "image_size"))
 SMALL_IMAGE = 64  # at or below this size, ResNets keep full resolution in the stem (CIFAR-style)
 
 

@@ -9,7 +9,8 @@ import copy
 import torch
 
 from .device import autocast
-from .registry import ConfigError, blame
+from .errors import ConfigError, blame
+from .tensor_data import Batch
 
 
 def dry_step(distiller, sample, device, train_cfg, key, student_key="student"):
@@ -24,9 +25,9 @@ def dry_step(distiller, sample, device, train_cfg, key, student_key="student"):
     try:
         with blame([(m, k) for m, _, k in parts], key, f"a training step on {len(y)} validation images failed"):
             distiller.to(device).train()
-            index = torch.arange(len(y), device=device)
+            batch = Batch(x, y, torch.arange(len(y))).to(device, memory_format)
             with autocast(device, train_cfg.amp):
-                _, terms = distiller(x.to(device, memory_format=memory_format), y.to(device), None, index, 0.0)
+                _, terms = distiller(batch)
             for _, term, part_key in parts:
                 value = terms.get(term) if term else None
                 if term and not (isinstance(value, torch.Tensor) and value.ndim == 0):

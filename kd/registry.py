@@ -1,33 +1,16 @@
 """Name -> constructor registries, so a model, dataset or loss is added by registering one function or class."""
-import contextlib
-import difflib
 import inspect
-import sysconfig
-import traceback
 import types
 import typing
-from pathlib import Path
 
-
-class KDError(Exception):
-    """A problem the user can fix (bad config, missing data): printed as one line, exit code 2."""
-
-
-class ConfigError(KDError):
-    def __init__(self, key, message):
-        super().__init__(f"{key}: {message}" if key else message)
-        self.key = key
-
-
-def did_you_mean(name, choices):
-    close = difflib.get_close_matches(str(name), list(choices), n=1)
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    return f"{hint}choose from: {', '.join(sorted(choices))}"
+from .errors import ConfigError, describe, did_you_mean
 
 
 class Registry:
-    def __init__(self, kind):
-        self.kind = kind
+    """`context`: the arguments the project passes to every constructor (not config keys)."""
+
+    def __init__(self, kind, context=()):
+        self.kind, self.context = kind, tuple(context)
         self._items = {}
 
     def register(self, name):
@@ -40,6 +23,18 @@ class Registry:
 
     def names(self):
         return sorted(self._items)
+
+    def listing(self):
+        """One line per entry: `name(parameter: type = default, ...)` and the first line of its docstring."""
+        lines = []
+        for name in self.names():
+            fn = self._items[name]
+            params, hints = keyword_params(fn, skip=self.context)
+            args = ", ".join(n + (f": {type_name(hints[n])}" if n in hints else "")
+                             + ("" if p.default is p.empty else f" = {p.default!r}") for n, p in params.items())
+            doc = " ".join((inspect.getdoc(fn) or "").split("\n\n")[0].split())
+            lines.append(f"{name}({args})" + (f"  {doc}" if doc else ""))
+        return lines
 
     def get(self, name, key):
         if name not in self._items:
@@ -57,6 +52,10 @@ class Registry:
             raise ConfigError(key, f"{self.kind} '{name}': {e}") from None
         except Exception as e:
             raise ConfigError(key, f"{self.kind} '{name}' failed: {describe(e)}") from None
+
+
+def type_name(hint):
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 def keyword_params(fn, skip=()):
@@ -81,41 +80,6 @@ def check_kwargs(kwargs, key, params, hints):
     missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in kwargs]
     if missing:
         raise ConfigError(key, f"missing required key(s): {', '.join(missing)}")
-
-
-@contextlib.contextmanager
-def blame(parts, key, what):
-    """Turn an exception raised by a model's or method's code into one ConfigError naming the config key of the
-    innermost of `parts` ((module, key) pairs) whose code was running, else `key`; `what` says what was tried."""
-    try:
-        yield
-    except KDError:
-        raise
-    except Exception as e:
-        owners, found, tb = {id(m): k for m, k in parts}, key, e.__traceback__
-        while tb is not None:
-            found = owners.get(id(tb.tb_frame.f_locals.get("self")), found)
-            tb = tb.tb_next
-        raise ConfigError(found, f"{what}: {describe(e)}") from None
-
-
-def describe(exc):
-    """`Type: message (file:line)`, the line being the innermost one outside torch and Python's own library:
-    where the user's code (a plugin, a model) raised it or called what did."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    stdlib = sysconfig.get_paths()["stdlib"]
-    own = [f for f in frames if not f.filename.startswith(stdlib)
-           and not {"site-packages", "dist-packages"} & set(Path(f.filename).parts)] or frames
-    where = ""
-    if own:
-        path = Path(own[-1].filename)
-        try:
-            path = path.relative_to(Path.cwd())
-        except ValueError:
-            pass
-        where = f" ({path}:{own[-1].lineno})"
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {message}{where}"
 
 
 def coerce(value, hint, key):

@@ -1,19 +1,13 @@
 """report.json and report.md: every number measured in this run, ratios derived from them against the teacher."""
 import datetime
 import json
-import os
 import platform
 
 import torch
 
+from .store import write_text
+
 MB = 2 ** 20
-
-
-def write_text_atomic(path, text):
-    """Temp file + rename: a run killed while writing never leaves a truncated report."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def device_name(device):
@@ -116,8 +110,8 @@ def write_report(run_dir, cfg, data, device, rows, facts):
                        else "weights + input + peak live ATen tensor storage",
                        "date": datetime.datetime.now().isoformat(timespec="seconds"), **facts},
               "models": rows}
-    write_text_atomic(run_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    write_text(run_dir / "report.json", json.dumps(report, indent=2) + "\n")
     text = markdown(report)
-    write_text_atomic(run_dir / "report.md", f"# Distillation study `{cfg.name}`\n\n" + text)
+    write_text(run_dir / "report.md", f"# Distillation study `{cfg.name}`\n\n" + text)
     print("\n" + text)
     return report

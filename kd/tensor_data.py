@@ -2,6 +2,7 @@
 with tensor ops: no per-image PIL work and no worker processes. A sample's crop and flip are a pure function of
 (seed, view, index), so the augmentation any sample saw can be replayed exactly, in any batch, order or subset."""
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -66,9 +67,22 @@ def augment(images_u8, dy, dx, flip, crop_padding, mean, std):
     return normalize(crops, mean, std)
 
 
+class Batch(NamedTuple):
+    """What a training loader yields: images, labels, their dataset indices (methods with per-sample state, and
+    the teacher cache, need them), and the augmentation view (the tensor pipeline's; None from a DataLoader)."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+    view: int | None = None
+
+    def to(self, device, memory_format=torch.preserve_format):
+        return Batch(self.images.to(device, non_blocking=True, memory_format=memory_format),
+                     self.labels.to(device, non_blocking=True), self.index.to(device, non_blocking=True), self.view)
+
+
 class TensorLoader:
-    """Yields (x, y, idx): normalised (and, given augment_cfg, augmented) float32 images, labels and dataset
-    indices, all on `device`. The order is a function of (seed, epoch) and the augmentation of (aug_seed, view,
+    """Yields Batch: normalised (and, given augment_cfg, augmented) float32 images, labels and dataset indices,
+    all on `device`, and the view. The order is a function of (seed, epoch) and the augmentation of (aug_seed, view,
     index), with view = epoch, or epoch % views to cycle through a fixed number of augmented views of the data.
     aug_seed defaults to seed; a separate one lets students of several seeds replay one teacher cache."""
 
@@ -80,6 +94,7 @@ class TensorLoader:
         self.batch_size, self.shuffle, self.drop_last, self.seed = batch_size, shuffle, drop_last, seed
         self.aug_seed = seed if aug_seed is None else aug_seed
         self.augment_cfg, self.views, self.device = augment_cfg, views, torch.device(device)
+        self.generator = None  # stateless: nothing for a checkpoint to restore
         # on the device once, not copied from the host every batch
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device)
         self.std = torch.tensor(std, dtype=torch.float32, device=device)
@@ -115,7 +130,7 @@ class TensorLoader:
             else:
                 dy, dx, flip = aug_params(idx, self.aug_seed, self.view, cfg.crop_padding, cfg.hflip)
                 x = augment(x, dy, dx, flip, cfg.crop_padding, self.mean, self.std)
-            yield x, self.labels[idx], idx
+            yield Batch(x, self.labels[idx], idx, self.view)
 
 
 def from_subset(subset):

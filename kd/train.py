@@ -1,7 +1,6 @@
 """One training loop for the teacher, the baseline and every distilled student, with exact resume."""
 import csv
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -11,9 +10,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from .device import autocast, barrier, is_main
+from .errors import KDError
 from .evaluate import accuracy
 from .log import Progress, info
-from .registry import KDError
+from .store import BEST, LAST, METRICS, atomic, save
 
 
 SYNC_EVERY = 50
@@ -63,15 +63,6 @@ def set_rng_state(state, generator):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_atomic(obj, path):
-    """Write to a temporary file, then rename: a run killed mid-write never leaves a broken checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -82,15 +73,15 @@ class Trainer:
     """Trains `distiller.learnable()`; writes `last.pt` (everything needed to resume) every epoch, `best.pt`
     (student weights of the best validation epoch) and `metrics.csv`, all inside `out_dir`."""
 
-    def __init__(self, distiller, cfg, loaders, device, out_dir, seed, fingerprint, name, cache=None):
-        self.distiller, self.cfg, self.device, self.name, self.cache = distiller, cfg, device, name, cache
+    def __init__(self, distiller, cfg, loaders, device, out_dir, seed, fingerprint, name):
+        self.distiller, self.cfg, self.device, self.name = distiller, cfg, device, name
         self.main = is_main()  # the one process that writes files
         self.model = distiller
         if dist.is_initialized():  # gradients of the student and the methods' modules are averaged across processes
             self.model = DistributedDataParallel(distiller, device_ids=[device.index] if device.type == "cuda" else None)
         self.train_loader, self.val_loader = loaders
         self.out_dir, self.fingerprint = Path(out_dir), fingerprint
-        self.generator = getattr(self.train_loader, "generator", None)  # the tensor pipeline needs none
+        self.generator = self.train_loader.generator  # the loader's RNG state, if any, for exact resume
         self.learnable = distiller.learnable()
         self.optimizer = make_optimizer([p for p in self.learnable.parameters() if p.requires_grad], cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg, len(self.train_loader))
@@ -98,12 +89,10 @@ class Trainer:
         self.memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
         self.epoch, self.best, self.history = 0, {"val_top1": -1.0, "epoch": 0}, []
         seed_everything(seed)
-        if self.generator is not None:
-            self.generator.manual_seed(seed)
 
     @property
     def last_path(self):
-        return self.out_dir / "last.pt"
+        return self.out_dir / LAST
 
     def state(self):
         return {"fingerprint": self.fingerprint, "epoch": self.epoch, "best": self.best, "history": self.history,
@@ -139,31 +128,27 @@ class Trainer:
             self.log({"epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"], **train,
                       **{f"val_{k}": v for k, v in val.items()}})
             if self.main:
-                save_atomic(self.state(), self.last_path)
+                save(self.state(), self.last_path)
         barrier()  # every process reads best.pt next
         return self.best
 
     def save_best(self):
         if self.main:
-            save_atomic({"model": self.distiller.student.state_dict()}, self.out_dir / "best.pt")
+            save({"model": self.distiller.student.state_dict(), "fingerprint": self.fingerprint},
+                 self.out_dir / BEST)
 
     def train_epoch(self):
         """One pass over the training split. Running sums stay on the device and are read (a GPU sync) only
         every `SYNC_EVERY` steps, for the progress bar and the finite-loss check."""
         self.distiller.train()
-        # The tensor pipeline's order and view, or DistributedSampler's shard, are functions of the epoch.
-        for epoch_aware in (self.train_loader, getattr(self.train_loader, "sampler", None)):
-            if hasattr(epoch_aware, "set_epoch"):
-                epoch_aware.set_epoch(self.epoch)
+        self.train_loader.set_epoch(self.epoch)  # order, augmentation view and shard are functions of the epoch
         sums, start = None, time.perf_counter()
         bar = Progress(self.train_loader, f"[{self.name}] epoch {self.epoch + 1}/{self.cfg.epochs}")
-        for step, (x, y, idx) in enumerate(bar, 1):
-            x = x.to(self.device, non_blocking=True, memory_format=self.memory_format)
-            y = y.to(self.device, non_blocking=True)
-            teacher_out = self.cache.lookup(self.train_loader.view, idx) if self.cache else None
+        for step, batch in enumerate(bar, 1):
+            batch = batch.to(self.device, self.memory_format)
             progress = self.epoch + (step - 1) / len(self.train_loader)
             with autocast(self.device, self.cfg.amp):
-                logits, terms = self.model(x, y, teacher_out, idx.to(self.device, non_blocking=True), progress)
+                logits, terms = self.model(batch, progress)
             loss = terms["loss"]
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
@@ -173,10 +158,11 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
-            n = y.numel()
-            batch = torch.stack([torch.tensor(float(n), device=self.device), (logits.argmax(1) == y).sum().float(),
-                                 *(v.detach().float() * n for v in terms.values())])
-            sums = batch if sums is None else sums + batch
+            n = batch.labels.numel()
+            counts = torch.stack([torch.tensor(float(n), device=self.device),
+                                  (logits.argmax(1) == batch.labels).sum().float(),
+                                  *(v.detach().float() * n for v in terms.values())])
+            sums = counts if sums is None else sums + counts
             if step % SYNC_EVERY == 0 or step == len(self.train_loader):
                 seen, correct, total_loss = sums[0].item(), sums[1].item(), sums[2 + list(terms).index("loss")].item()
                 if not math.isfinite(total_loss):
@@ -199,11 +185,9 @@ class Trainer:
         self.history.append(row)
         if not self.main:
             return
-        tmp = self.out_dir / "metrics.csv.tmp"
-        with open(tmp, "w", newline="") as f:
+        with atomic(self.out_dir / METRICS) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(row))
             writer.writeheader()
             writer.writerows({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in r.items()} for r in self.history)
-        os.replace(tmp, self.out_dir / "metrics.csv")
         info(f"[{self.name}] epoch {self.epoch}/{self.cfg.epochs} loss {row['train_loss']:.4f} "
               f"train {row['train_top1']:.4f} val {row['val_top1']:.4f} ({row['train_images_per_s']:.0f} img/s)")

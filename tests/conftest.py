@@ -1,12 +1,32 @@
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.fixture
+def fashion_files(tmp_path, monkeypatch):
+    """Random images in Fashion-MNIST's file format under tmp_path/data, Debian's copy hidden: a small in-memory
+    dataset (tensor pipeline, teacher cache) on any machine. Call with the training and test image counts."""
+    import kd.data
+    from test_data import idx_bytes
+    monkeypatch.setattr(kd.data, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-files")
+
+    def write(n_train, n_test):
+        raw = tmp_path / "data" / "FashionMNIST" / "raw"
+        raw.mkdir(parents=True)
+        rng = np.random.default_rng(0)
+        for split, n in (("train", n_train), ("t10k", n_test)):
+            (raw / f"{split}-images-idx3-ubyte").write_bytes(idx_bytes(rng.integers(0, 256, (n, 28, 28))))
+            (raw / f"{split}-labels-idx1-ubyte").write_bytes(idx_bytes(rng.integers(0, 10, n)))
+        return str(tmp_path / "data")
+    return write
 
 
 @pytest.fixture

@@ -2,21 +2,18 @@
 import copy
 import shutil
 
-import numpy as np
 import pytest
 import torch
 import yaml
 
 import kd.cache
-import kd.data
 import run
 from kd.config import Config, from_dict
+from kd.data import train_loader
 from kd.device import autocast
-from kd.distiller import Distiller, FeatureHooks
-from kd.registry import KDError
+from kd.distiller import Distiller
+from kd.errors import KDError
 from kd.study import Study
-
-from test_data import idx_bytes
 
 BASE = {
     "name": "c",
@@ -41,18 +38,12 @@ def merge(base, changes):
 
 
 @pytest.fixture
-def make_config(tmp_path, monkeypatch):
+def make_config(tmp_path, fashion_files):
     """Configs over small Fashion-MNIST-format files written in tmp_path (outputs there too)."""
-    monkeypatch.setattr(kd.data, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-files")
-    raw = tmp_path / "data" / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 80), ("t10k", 32)):
-        (raw / f"{split}-images-idx3-ubyte").write_bytes(idx_bytes(rng.integers(0, 256, (n, 28, 28))))
-        (raw / f"{split}-labels-idx1-ubyte").write_bytes(idx_bytes(rng.integers(0, 10, n)))
+    root = fashion_files(80, 32)
 
     def make(**changes):
-        paths = {"output_dir": str(tmp_path / "runs"), "data": {"root": str(tmp_path / "data")},
+        paths = {"output_dir": str(tmp_path / "runs"), "data": {"root": root},
                  "teacher": {"checkpoint": str(tmp_path / "teacher.pt")}, "cache": {"dir": str(tmp_path / "cache")}}
         return merge(merge(BASE, paths), changes)
     return make
@@ -72,19 +63,24 @@ def make_study(make_config):
 
 
 def live_teacher(study, x):
-    with torch.no_grad(), FeatureHooks(study.teacher, ["stages.1"], ["stages.1"]) as features:
+    with torch.no_grad():
         logits = study.teacher.eval()(x)
-    return logits, features["stages.1"]
+    return logits, study.teacher_taps.take()["stages.1"]
+
+
+def students_loader(study, views=2):
+    """The loader the students of `study` train from, cycling `views` augmentations as the cache does."""
+    return train_loader(study.data, study.cfg.data, study.device, study.cfg.seed, views=views)
 
 
 def test_cached_outputs_are_the_teacher_outputs_of_the_replayed_batches(make_study):
     study = make_study()
     cache = study.teacher_cache()
-    loader = study.loaders(views=2)[0]
+    loader = students_loader(study)
     for epoch in range(3):
         loader.set_epoch(epoch)
         assert loader.view == epoch % 2
-        for x, _, idx in loader:
+        for x, _, idx, _ in loader:
             logits, feature = live_teacher(study, x)
             out = cache.lookup(loader.view, idx)
             assert torch.allclose(out["logits"], logits, rtol=1e-2, atol=1e-2)
@@ -95,9 +91,9 @@ def test_other_view_would_not_match(make_study):
     """The check above can fail: outputs recorded for another augmentation differ from the live teacher's."""
     study = make_study()
     cache = study.teacher_cache()
-    loader = study.loaders(views=2)[0]
+    loader = students_loader(study)
     loader.set_epoch(0)
-    x, _, idx = next(iter(loader))
+    x, _, idx, _ = next(iter(loader))
     assert not torch.allclose(cache.lookup(1, idx)["features"]["stages.1"], live_teacher(study, x)[1], atol=1e-2)
 
 
@@ -105,13 +101,14 @@ def test_other_view_would_not_match(make_study):
 def test_distillation_loss_from_cache_equals_live_teacher(make_study, amp):
     study = make_study(train={"amp": amp})  # the cache is built in the precision the students train in
     cache, distiller = study.teacher_cache(), study.new_distiller(study.cfg.stages[0], study.cfg.seed).train()
-    loader = study.loaders(views=2)[0]
+    loader = students_loader(study)
     loader.set_epoch(1)
-    x, y, idx = next(iter(loader))
+    batch = next(iter(loader))
     torch.manual_seed(0)
     with autocast(study.device, amp):
-        _, live = distiller(x, y)
-        _, cached = distiller(x, y, cache.lookup(loader.view, idx))
+        _, live = distiller(batch)
+        distiller.cache = cache
+        _, cached = distiller(batch)
     assert set(live) == set(cached) == {"ce", "logit", "feat0", "loss"}
     for term in live:
         assert cached[term].item() == pytest.approx(live[term].item(), rel=1e-3, abs=1e-4), term
@@ -185,9 +182,9 @@ def test_cache_that_would_not_fit_is_refused(make_study, monkeypatch):
 def test_top_k_cache_keeps_the_largest_logits(make_study):
     study = make_study(cache={"mode": "logits", "topk": 3})
     cache = study.teacher_cache()
-    loader = study.loaders(views=2)[0]
+    loader = students_loader(study)
     loader.set_epoch(0)
-    x, _, idx = next(iter(loader))
+    x, _, idx, _ = next(iter(loader))
     logits = live_teacher(study, x)[0]
     replay = cache.lookup(0, idx)["logits"]
     top = logits.topk(3, dim=1).indices
@@ -205,11 +202,11 @@ def test_interrupted_cached_distillation_resumes_to_the_uninterrupted_result(mak
     assert run.main(["--config", str(config("full")), "--device", "cpu"]) == 0
     calls, forward = [0], Distiller.forward
 
-    def dies_in_second_epoch(self, x, y, teacher_out=None, *rest):
-        calls[0] += 1
-        if teacher_out is not None and calls[0] == 6:  # 4 batches of 16 per epoch: mid-way through epoch 2
+    def dies_in_second_epoch(self, batch, epoch=0.0):
+        calls[0] += self.cache is not None
+        if self.cache is not None and calls[0] == 6:  # 4 batches of 16 per epoch: mid-way through epoch 2
             raise KeyboardInterrupt
-        return forward(self, x, y, teacher_out, *rest)
+        return forward(self, batch, epoch)
     monkeypatch.setattr(Distiller, "forward", dies_in_second_epoch)
     assert run.main(["--config", str(config("resumed")), "--device", "cpu"]) == 130
     monkeypatch.setattr(Distiller, "forward", forward)

@@ -7,7 +7,7 @@ import yaml
 import run
 from kd.config import load_config
 from kd.losses import LOGIT_LOSSES
-from kd.registry import ConfigError, KDError
+from kd.errors import ConfigError, KDError
 
 MINIMAL = {"name": "study", "stages": [{"name": "baseline"}]}
 

@@ -2,15 +2,11 @@
 precision `amp: auto` picks there. `pytest -q tests/test_cuda.py` on a GPU machine."""
 import json
 
-import numpy as np
 import pytest
 import torch
 
-import kd.data
 import run
 from kd.device import resolve_amp
-
-from test_data import idx_bytes
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -32,16 +28,8 @@ EVERY_METHOD = [
 
 
 @pytest.fixture
-def in_memory_data(tmp_path, monkeypatch):
-    """Small random Fashion-MNIST-format files: an in-memory dataset (tensor pipeline, teacher cache) on any machine."""
-    monkeypatch.setattr(kd.data, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-files")
-    raw = tmp_path / "data" / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 160), ("t10k", 64)):
-        (raw / f"{split}-images-idx3-ubyte").write_bytes(idx_bytes(rng.integers(0, 256, (n, 28, 28))))
-        (raw / f"{split}-labels-idx1-ubyte").write_bytes(idx_bytes(rng.integers(0, 10, n)))
-    return {"dataset": "fashion_mnist", "root": str(tmp_path / "data"), "download": False, "pipeline": "tensor"}
+def in_memory_data(fashion_files):
+    return {"dataset": "fashion_mnist", "root": fashion_files(160, 64), "download": False, "pipeline": "tensor"}
 
 
 @pytest.mark.parametrize("cache", ["off", "logits+features"])

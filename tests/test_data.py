@@ -15,8 +15,8 @@ from torchvision import transforms as T
 
 import kd.data
 from kd.config import AugmentConfig, DataConfig
-from kd.data import DATASETS, build_data, make_loaders
-from kd.registry import KDError
+from kd.data import DATASETS, build_data, eval_loaders, train_loader
+from kd.errors import KDError
 
 CIFAR_NORM = T.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 FMNIST_NORM = T.Normalize((0.2860,), (0.3530,))
@@ -306,7 +306,7 @@ def test_split_depends_on_split_seed_only(cifar):
     assert split(5, split_seed=1) == split(0, split_seed=1)
 
 
-# --- make_loaders -------------------------------------------------------------------------------------------------------
+# --- loaders ------------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def fake_setup():
@@ -318,26 +318,25 @@ def fake_setup():
 def first_train_batch(fake_setup, loader_seed):
     data, cfg = fake_setup
     torch.manual_seed(0)  # augmentation draws from the global RNG when num_workers is 0
-    train, _, _ = make_loaders(data, cfg, CPU, torch.Generator().manual_seed(loader_seed))
-    return next(iter(train))
+    return next(iter(train_loader(data, cfg, CPU, loader_seed)))
 
 
 def test_same_generator_seed_gives_same_first_batch(fake_setup):
-    (x1, y1, i1), (x2, y2, i2) = first_train_batch(fake_setup, 7), first_train_batch(fake_setup, 7)
+    (x1, y1, i1, _), (x2, y2, i2, _) = first_train_batch(fake_setup, 7), first_train_batch(fake_setup, 7)
     assert x1.shape == (8, 3, 16, 16)
     assert torch.equal(x1, x2) and torch.equal(y1, y2) and torch.equal(i1, i2)
-    x3, _, _ = first_train_batch(fake_setup, 8)
+    x3, *_ = first_train_batch(fake_setup, 8)
     assert not torch.equal(x1, x3)
 
 
 def test_loader_batches_carry_their_dataset_indices(fake_setup):
     data, _ = fake_setup
-    _, y, idx = first_train_batch(fake_setup, 7)
+    _, y, idx, _ = first_train_batch(fake_setup, 7)
     assert [data.train[i][1] for i in idx.tolist()] == y.tolist()  # what CRD's memory bank is indexed by
 
 
 def test_eval_loaders_keep_dataset_order(fake_setup):
     data, cfg = fake_setup
-    _, val, test = make_loaders(data, cfg, CPU, torch.Generator().manual_seed(0))
+    val, test = eval_loaders(data, cfg, CPU)
     assert torch.cat([y for _, y in val]).tolist() == labels(data.val)
     assert torch.cat([y for _, y in test]).tolist() == labels(data.test)

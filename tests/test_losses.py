@@ -10,6 +10,7 @@ from kd.losses import Probe
 from kd.losses.fitnets import FitNets
 from kd.losses.kd import KD
 from kd.models import create_model
+from kd.tensor_data import Batch
 
 from conftest import CONFIGS
 
@@ -68,7 +69,7 @@ def test_logit_and_feature_losses_are_nonzero_and_reach_the_student_only():
     teacher, student = models()
     x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
     distiller = Distiller.build(stage(), student, teacher, x[:2], 0.0, "stages[0]").train()
-    _, terms = distiller(x, y)
+    _, terms = distiller(Batch(x, y, torch.arange(4)))
     assert terms["logit"].item() > 0
     assert terms["feat0"].item() > 0 and terms["feat1"].item() > 0
     for term in ("logit", "feat0", "feat1"):
@@ -86,7 +87,7 @@ def test_feature_term_only_reaches_layers_up_to_the_hooked_one():
     teacher, student = models()
     x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
     distiller = Distiller.build(stage(logit=False, pairs=[("stages.0", "layer1")]), student, teacher, x[:2], 0.0, "s")
-    _, terms = distiller.train()(x, y)
+    _, terms = distiller.train()(Batch(x, y, torch.arange(4)))
     terms["feat0"].backward()
     assert student.stages[0][0][0].weight.grad.abs().sum() > 0
     assert student.fc.weight.grad is None
@@ -115,6 +116,6 @@ def test_every_feature_pair_in_shipped_configs_builds_and_matches_shapes(path):
         teacher = create_model(cfg.teacher.name, "teacher", cfg.teacher.kwargs, c, classes, size)
         student = create_model(cfg.student.name, "student", cfg.student.kwargs, c, classes, size)
         distiller = Distiller.build(st, student, teacher, x, 0.0, f"stages[{i}]", num_samples=50_000).train()
-        _, terms = distiller(x, torch.zeros(2, dtype=torch.long), index=torch.arange(2))
+        _, terms = distiller(Batch(x, torch.zeros(2, dtype=torch.long), torch.arange(2)))
         for j in range(len(st.features)):
             assert terms[f"feat{j}"].item() > 0, (path.name, st.name, j)

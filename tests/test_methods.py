@@ -15,8 +15,9 @@ from kd.losses.dist import DIST
 from kd.losses.dkd import DKD, decoupled_kl
 from kd.losses.kd import KD
 from kd.losses.reviewkd import ReviewKD, hcl
+from kd.errors import ConfigError
 from kd.losses.rkd import RKD
-from kd.registry import ConfigError
+from kd.tensor_data import Batch
 
 from test_losses import models
 
@@ -208,7 +209,7 @@ def test_every_method_is_nonzero_and_its_gradient_reaches_the_student_and_its_mo
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
     stage = from_dict(StageConfig, {"name": name, **METHOD_STAGES[name]})
     distiller = Distiller.build(stage, student, teacher, x[:2], 0.0, "stages[0]", num_samples=100).train()
-    _, terms = distiller(x, y, index=torch.arange(8), epoch=100.0)  # past any warm-up
+    _, terms = distiller(Batch(x, y, torch.arange(8)), epoch=100.0)  # past any warm-up
     (term,) = [k for k in terms if k not in ("ce", "loss")]
     assert terms[term].item() > 0
     distiller.zero_grad(set_to_none=True)

@@ -7,7 +7,7 @@ from torch import nn
 from kd.config import EvalConfig, load_config
 from kd.evaluate import LiveTensorBytes, macs_per_image, peak_memory, profile
 from kd.models import count_parameters, create_model, load_weights
-from kd.registry import ConfigError
+from kd.errors import ConfigError
 
 from conftest import CONFIGS
 from test_losses import DATASET_SHAPES

@@ -143,7 +143,7 @@ def make_loader(device="cpu", channels=1, **overrides):
 
 def epoch_order(loader, epoch):
     loader.set_epoch(epoch)
-    return torch.cat([idx for _, _, idx in loader]).tolist()
+    return torch.cat([idx for _, _, idx, _ in loader]).tolist()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -152,11 +152,11 @@ def test_loader_covers_every_index_once_in_a_seeded_order(device):
     assert len(loader) == 7 and loader.dataset_size == N
     batches = list(loader)
     assert len(batches) == 7
-    for x, y, idx in batches:
+    for x, y, idx, _ in batches:
         assert x.shape == (len(idx), 1, 12, 12) and x.dtype == torch.float32 and x.device.type == device
         assert idx.dtype == torch.int64 and idx.device.type == device
         assert torch.equal(labels.to(device)[idx], y)
-    order = torch.cat([idx for _, _, idx in batches]).tolist()
+    order = torch.cat([idx for _, _, idx, _ in batches]).tolist()
     assert sorted(order) == list(range(N)) and order != list(range(N))
     assert epoch_order(make_loader(device)[0], 0) == order  # a new loader, same (seed, epoch)
     assert epoch_order(loader, 1) != order
@@ -167,11 +167,11 @@ def test_loader_covers_every_index_once_in_a_seeded_order(device):
 def test_loader_drop_last_and_unshuffled_plain_order():
     loader, images, labels = make_loader(drop_last=True)
     assert len(loader) == N // BATCH == len(list(loader))
-    assert all(len(idx) == BATCH for _, _, idx in loader)
+    assert all(len(idx) == BATCH for _, _, idx, _ in loader)
 
     plain, _, _ = make_loader(shuffle=False, augment_cfg=None)
     assert epoch_order(plain, 3) == list(range(N))
-    x = torch.cat([x for x, _, _ in plain])
+    x = torch.cat([x for x, *_ in plain])
     assert torch.equal(x, normalize(images, (0.5,), (0.25,)))
 
 
@@ -182,7 +182,7 @@ def test_loader_pixels_replay_from_seed_view_and_index_alone(device, channels):
     loader.set_epoch(3)
     assert loader.view == 3
     stats = ((0.5,) * channels, (0.25,) * channels)
-    for x, _, idx in loader:
+    for x, _, idx, _ in loader:
         for k, i in enumerate(idx.tolist()):  # on the loader's device: float rounding may differ between devices
             one = torch.tensor([i], device=device)
             replay = augment(images[i:i + 1].to(device), *aug_params(one, SEED, 3, AUG.crop_padding, AUG.hflip),
@@ -193,7 +193,7 @@ def test_loader_pixels_replay_from_seed_view_and_index_alone(device, channels):
 def by_index(loader, epoch):
     loader.set_epoch(epoch)
     pixels = torch.empty(N, *loader.images.shape[1:])
-    for x, _, idx in loader:
+    for x, _, idx, _ in loader:
         pixels[idx.cpu()] = x.cpu()
     return pixels
 

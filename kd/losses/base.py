@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..registry import Registry
 
 LOGIT_LOSSES = Registry("logit loss")
-FEATURE_LOSSES = Registry("feature loss")
+FEATURE_LOSSES = Registry("feature loss", context=("probe",))
 
 
 @dataclass

@@ -5,7 +5,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..registry import KDError
+from ..errors import KDError
 from .base import FEATURE_LOSSES, embedding, embedding_size
 
 

@@ -1,0 +1,57 @@
+"""The errors a user can fix, and how one becomes a single line: which config key, which file and line."""
+import contextlib
+import difflib
+import sysconfig
+import traceback
+from pathlib import Path
+
+
+class KDError(Exception):
+    """A problem the user can fix (bad config, missing data): printed as one line, exit code 2."""
+
+
+class ConfigError(KDError):
+    def __init__(self, key, message):
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key = key
+
+
+def did_you_mean(name, choices):
+    close = difflib.get_close_matches(str(name), list(choices), n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return f"{hint}choose from: {', '.join(sorted(choices))}"
+
+
+@contextlib.contextmanager
+def blame(parts, key, what):
+    """Turn an exception raised by a model's or method's code into one ConfigError naming the config key of the
+    innermost of `parts` ((module, key) pairs) whose code was running, else `key`; `what` says what was tried."""
+    try:
+        yield
+    except KDError:
+        raise
+    except Exception as e:
+        owners, found, tb = {id(m): k for m, k in parts}, key, e.__traceback__
+        while tb is not None:
+            found = owners.get(id(tb.tb_frame.f_locals.get("self")), found)
+            tb = tb.tb_next
+        raise ConfigError(found, f"{what}: {describe(e)}") from None
+
+
+def describe(exc):
+    """`Type: message (file:line)`, the line being the innermost one outside torch and Python's own library:
+    where the user's code (a plugin, a model) raised it or called what did."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    stdlib = sysconfig.get_paths()["stdlib"]
+    own = [f for f in frames if not f.filename.startswith(stdlib)
+           and not {"site-packages", "dist-packages"} & set(Path(f.filename).parts)] or frames
+    where = ""
+    if own:
+        path = Path(own[-1].filename)
+        try:
+            path = path.relative_to(Path.cwd())
+        except ValueError:
+            pass
+        where = f" ({path}:{own[-1].lineno})"
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {message}{where}"
