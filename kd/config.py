@@ -29,6 +29,20 @@ YAMLLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(
                                  list("-+0123456789."))
 
 
+def _unique_keys(loader, node, deep=False):
+    """A mapping whose keys are unique: YAML allows a repeated key (the last one wins), which hides a mistake."""
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+YAMLLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_keys)
+
+
 def load_yaml(text):
     return yaml.load(text, Loader=YAMLLoader)
 
@@ -138,6 +152,11 @@ class LossConfig:
     name: str
     params: dict = field(default_factory=dict)
 
+    @classmethod
+    def keys(cls):
+        """The keys of a method's entry besides its parameters."""
+        return [f.name for f in dataclasses.fields(cls) if f.name != "params"]
+
 
 @dataclass
 class FeatureConfig(LossConfig):
@@ -219,7 +238,10 @@ class Config:
         return self.seeds or [self.seed]
 
     def validate(self):
-        _check(self.name and "/" not in self.name, "name", "must be a non-empty folder name", self.name)
+        _check(_folder_name(self.name), "name", "must be a plain folder name (no '/', not '.' or '..')", self.name)
+        for key, seed in [("seed", self.seed), ("data.split_seed", self.data.split_seed),
+                          *((f"seeds[{i}]", s) for i, s in enumerate(self.seeds or []))]:
+            _check(0 <= seed < 2 ** 32, key, "must be in [0, 2**32)", seed)
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
                "must be auto, cpu, cuda or cuda:N", self.device)
         self.data.validate("data")
@@ -232,8 +254,8 @@ class Config:
         _check(len(self.stages) > 0, "stages", "must list at least one student stage", self.stages)
         names = [s.name for s in self.stages]
         for i, s in enumerate(self.stages):
-            _check(s.name not in ("teacher", "") and "/" not in s.name and names.count(s.name) == 1,
-                   f"stages[{i}].name", "must be a unique folder name other than 'teacher'", s.name)
+            _check(_folder_name(s.name) and s.name != "teacher" and names.count(s.name) == 1,
+                   f"stages[{i}].name", "must be a unique plain folder name other than 'teacher'", s.name)
             for j, f in enumerate(s.features):
                 _check(all(f.student) and all(f.teacher) and f.student and f.teacher, f"stages[{i}].features[{j}]",
                        "needs both 'student' and 'teacher' layer names", f"{f.student!r}/{f.teacher!r}")
@@ -251,6 +273,11 @@ def validate_runtime(cfg, device, world, in_memory):
     if cfg.cache.mode != "off" and not in_memory:
         raise ConfigError("cache.mode", "the teacher cache replays the tensor pipeline's augmentations; it needs "
                                         "an in-memory dataset (cifar10, fashion_mnist) in one process")
+
+
+def _folder_name(name):
+    """A name that stays one folder inside its parent: nothing that climbs out or nests."""
+    return bool(name) and name not in (".", "..") and not set("/\\") & set(name)
 
 
 def _check(ok, key, message, value):
@@ -290,7 +317,7 @@ def _convert(value, hint, key):
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, key)
     if inner and dataclasses.is_dataclass(inner[0]):
-        if value is None:
+        if value is None and type(None) in typing.get_args(hint):
             return None
         if typing.get_origin(hint) is list:
             if not isinstance(value, list):
@@ -365,7 +392,10 @@ def load_config(path, overrides=()):
     except UnicodeDecodeError:
         raise KDError(f"{path}: not a UTF-8 text file") from None
     except yaml.YAMLError as e:
-        raise KDError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise KDError(f"{path}: invalid YAML ({where}{problem})") from None
     raw = {} if raw is None else raw
     try:
         for o in overrides:

@@ -80,7 +80,8 @@ class Distiller(nn.Module):
         shared by its stages (they must record this stage's teacher layers); by default the stage's own."""
         logit = None
         if stage.logit is not None:
-            logit = LOGIT_LOSSES.build(stage.logit.name, f"{key}.logit", dict(stage.logit.params))
+            logit = LOGIT_LOSSES.build(stage.logit.name, f"{key}.logit", dict(stage.logit.params),
+                                       siblings=stage.logit.keys())
             weight = getattr(logit, "ce_weight", None)
             if not isinstance(logit, nn.Module) or not isinstance(weight, (int, float)) or isinstance(weight, bool):
                 raise ConfigError(f"{key}.logit", f"logit method '{stage.logit.name}' must be an nn.Module with a "
@@ -104,7 +105,8 @@ class Distiller(nn.Module):
                 s_keys, t_keys = [tap_key(n, f.io) for n in f.student], [tap_key(n, f.io) for n in f.teacher]
                 probe = Probe([tuple(s_out[k].shape[1:]) for k in s_keys], [tuple(t_out[k].shape[1:]) for k in t_keys],
                               num_samples, logits.shape[1])
-                method = FEATURE_LOSSES.build(f.name, f"{key}.features[{j}]", dict(f.params), probe=probe)
+                method = FEATURE_LOSSES.build(f.name, f"{key}.features[{j}]", dict(f.params), siblings=f.keys(),
+                                              probe=probe)
                 if not isinstance(method, nn.Module):
                     raise ConfigError(f"{key}.features[{j}]", f"feature method '{f.name}' must be an nn.Module")
                 features.append((method.to(device_of(student)), s_keys, t_keys, f.weight))

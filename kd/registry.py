@@ -1,5 +1,6 @@
 """Name -> constructor registries, so a model, dataset or loss is added by registering one function or class."""
 import inspect
+import math
 import types
 import typing
 
@@ -41,11 +42,13 @@ class Registry:
             raise ConfigError(key, f"unknown {self.kind} '{name}' ({did_you_mean(name, self._items)})")
         return self._items[name]
 
-    def build(self, name, key, kwargs, **context):
+    def build(self, name, key, kwargs, siblings=(), **context):
         """Call the constructor with config kwargs checked against its signature, so typos fail before training.
-        Anything else the constructor (the user's own code, for a plugin) raises is this key's problem too."""
+        `siblings`: the other keys valid beside the parameters (a method's `name`, `student`, ...), offered when
+        a key is unknown. Anything else the constructor (the user's own code, for a plugin) raises is this key's
+        problem too."""
         fn = self.get(name, key)
-        check_kwargs(kwargs, key, *keyword_params(fn, skip=context))
+        check_kwargs(kwargs, key, *keyword_params(fn, skip=context), siblings)
         try:
             return fn(**context, **kwargs)
         except (ValueError, TypeError) as e:
@@ -70,11 +73,12 @@ def keyword_params(fn, skip=()):
     return params, hints
 
 
-def check_kwargs(kwargs, key, params, hints):
-    """Reject unknown (with a did-you-mean), missing or wrongly typed keyword arguments."""
+def check_kwargs(kwargs, key, params, hints, siblings=()):
+    """Reject unknown (with a did-you-mean among the parameters and `siblings`), missing or wrongly typed keyword
+    arguments."""
     for k, v in kwargs.items():
         if k not in params:
-            raise ConfigError(f"{key}.{k}", f"unknown key ({did_you_mean(k, params)})")
+            raise ConfigError(f"{key}.{k}", f"unknown key ({did_you_mean(k, [*params, *siblings])})")
         if k in hints:
             kwargs[k] = coerce(v, hints[k], f"{key}.{k}")
     missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in kwargs]
@@ -112,4 +116,6 @@ def coerce(value, hint, key):
         return float(value)
     if hint in (int, float) and isinstance(value, bool) or not isinstance(value, hint):
         raise ConfigError(key, f"expected {hint.__name__}, got {value!r}")
+    if hint is float and not math.isfinite(value):
+        raise ConfigError(key, f"expected a finite number, got {value!r}")
     return value

@@ -90,9 +90,17 @@ def test_method_parameters_sit_beside_the_name(tmp_path):
     pytest.param({"data": {"val_size": 0}}, "data.val_size: must be >= 1, got 0", id="val-size"),
     pytest.param({"name": None}, "config: missing required key(s): name", id="no-name"),
     pytest.param({"stages": []}, "stages: must list at least one student stage", id="no-stages"),
-    pytest.param({"stages": [{"name": "a"}, {"name": "a"}]}, "stages[0].name: must be a unique folder name", id="dup-stage"),
-    pytest.param({"stages": [{"name": "teacher"}]}, "stages[0].name: must be a unique folder name other than 'teacher'",
-                 id="stage-named-teacher"),
+    pytest.param({"stages": [{"name": "a"}, {"name": "a"}]}, "stages[0].name: must be a unique plain folder name",
+                 id="dup-stage"),
+    pytest.param({"stages": [{"name": "teacher"}]},
+                 "stages[0].name: must be a unique plain folder name other than 'teacher'", id="stage-named-teacher"),
+    pytest.param({"stages": [{"name": ".."}]}, "stages[0].name: must be a unique plain folder name", id="stage-dotdot"),
+    pytest.param({"name": ".."}, "name: must be a plain folder name (no '/', not '.' or '..'), got '..'",
+                 id="study-dotdot"),
+    pytest.param({"seed": -1}, "seed: must be in [0, 2**32), got -1", id="negative-seed"),
+    pytest.param({"seeds": [0, 2 ** 40]}, "seeds[1]: must be in [0, 2**32), got 1099511627776", id="huge-seed"),
+    pytest.param({"train": {"lr": float("inf")}}, "train.lr: expected a finite number, got inf", id="inf-lr"),
+    pytest.param({"train": {"lr": float("nan")}}, "train.lr: expected a finite number, got nan", id="nan-lr"),
     pytest.param({"stages": [{"name": "kd", "logit": {"temperature": 2}}]},
                  "stages[0].logit: missing required key(s): name", id="logit-without-name"),
     pytest.param({"stages": [{"name": "f", "features": [{"name": "fitnets", "student": "stages.1"}]}]},
@@ -102,6 +110,12 @@ def test_invalid_config(tmp_path, updates, expected):
     path = write_config(tmp_path, updates)
     message = load_error(path)
     assert message.startswith(f"{path}: {expected}"), message
+
+
+def test_null_stages(tmp_path):
+    path = tmp_path / "null.yaml"
+    path.write_text("name: study\nstages: null\n")
+    assert load_error(path) == f"{path}: stages: expected a list, got None"
 
 
 def test_unknown_key_lists_the_valid_ones(tmp_path):
@@ -169,10 +183,29 @@ def test_cli_missing_config_file(tmp_path, capsys):
     assert cli_error(capsys, path) == f"error: {path}: cannot read config (No such file or directory)"
 
 
-def test_cli_invalid_yaml(tmp_path, capsys):
+def test_cli_invalid_yaml_names_line_and_column(tmp_path, capsys):
     path = tmp_path / "broken.yaml"
     path.write_text("name: study\nstages: [{name: baseline}\n")
-    assert cli_error(capsys, path).startswith(f"error: {path}: invalid YAML (")
+    assert cli_error(capsys, path) == f"error: {path}: invalid YAML (line 3, column 1: expected ',' or ']', but got " \
+                                      "'<stream end>')"
+
+
+def test_cli_duplicate_yaml_keys_are_an_error_not_last_one_wins(tmp_path, capsys):
+    path = tmp_path / "twice.yaml"
+    path.write_text("name: study\ntrain: {lr: 0.1}\nstages: [{name: baseline}]\ntrain: {lr: 0.2}\n")
+    assert cli_error(capsys, path) == f"error: {path}: invalid YAML (line 4, column 1: duplicate key 'train')"
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("stages.0.features.0.studnet=stages.1", "stages[0].features[0].studnet: unknown key (did you mean 'student'? "
+                                             "choose from: io, name, student, teacher, weight)"),
+    ("stages.0.logit.temprature=2", "stages[0].logit.temprature: unknown key (did you mean 'temperature'? "
+                                    "choose from: alpha, name, scale, standardize, temperature)"),
+])
+def test_a_misspelt_key_in_a_method_entry_offers_the_entry_keys_too(smoke_config, capsys, override, expected):
+    cfg = smoke_config(stages=[{"name": "f", "logit": {"name": "kd"},
+                                "features": [{"name": "fitnets", "student": "stages.1", "teacher": "layer2"}]}])
+    assert cli_error(capsys, cfg, override) == f"error: {cfg}: {expected}"
 
 
 @pytest.mark.parametrize("updates, sets, expected", [
