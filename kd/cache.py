@@ -48,7 +48,7 @@ class TeacherCache:
         `identity`: what comes from outside (the training images, augmentation and its seed, the teacher's
         weights, the precision); the cache adds its own settings and the recorded layers' shapes. `loader` is
         the students' training loader, unshuffled: the cache records the very pixels they train on."""
-        key = fingerprint(FORMAT, identity, to_dict(cfg, results_only=True), feature_shapes)
+        key = fingerprint(FORMAT, identity, to_dict(cfg, "results"), feature_shapes)
         folder = Path(cfg.dir) / key
         plan = cls.plan(loader.dataset_size, cfg.views, num_classes, cfg.topk, feature_shapes)
         manifest = cls.read_valid_manifest(folder, plan)

@@ -47,9 +47,12 @@ def load_yaml(text):
     return yaml.load(text, Loader=YAMLLoader)
 
 
-# Marks a field that never changes what a model learns (paths, workers, evaluation batch sizes). Run identity
-# (`to_dict(cfg, results_only=True)`) is every other field, so a new setting changes identity unless marked here.
+# Marks a field that never changes a result (paths, workers, evaluation batch sizes). Run identity
+# (`to_dict(cfg, "results")`) is every other field, so a new setting changes identity unless marked here.
 NOT_RESULT = {"result": False}
+# Marks a field that changes a reported result but not what a model learns (the test split): a teacher made
+# under another one is the same teacher (`to_dict(cfg, "training")`).
+EVALUATION = {"result": "evaluation"}
 
 
 def _setting(default):
@@ -73,7 +76,7 @@ class DataConfig:
     image_size: int = 224  # folder datasets (imagenet) and fake data; fixed datasets know their own size
     val_size: int = 5000  # held out from the training split to pick checkpoints; the test split is only reported
     train_subset: int | None = None  # train on only this many images (quick runs); None = all
-    test_subset: int | None = None
+    test_subset: int | None = field(default=None, metadata=EVALUATION)
     split_seed: int = 0  # fixed apart from the training seed so repeated seeds share one split
     batch_size: int = 128
     eval_batch_size: int = _setting(512)
@@ -409,16 +412,19 @@ def load_config(path, overrides=()):
     return cfg
 
 
-def to_dict(cfg, results_only=False):
+def to_dict(cfg, scope="all"):
     """Plain-data view of a config, with each method's parameters back beside its name (as written in YAML).
-    `results_only`: only the fields that change what a model learns (not marked NOT_RESULT): the run's identity."""
+    `scope`: "all" fields; "results", those that change a result (not marked NOT_RESULT): the run's identity;
+    "training", those that change what a model learns (neither NOT_RESULT nor EVALUATION)."""
+    hidden = {"all": (), "results": (False,), "training": (False, "evaluation")}[scope]
+
     def flat(obj):
         if isinstance(obj, LossConfig):
             d = {k: flat(v) for k, v in dataclasses.asdict(obj).items() if k != "params"}
             return {**d, **obj.params}
         if dataclasses.is_dataclass(obj):
             return {f.name: flat(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                    if not results_only or f.metadata.get("result", True)}
+                    if f.metadata.get("result", True) not in hidden}
         if isinstance(obj, list):
             return [flat(v) for v in obj]
         return obj

@@ -1,6 +1,6 @@
 """What a run writes and when it may be reused: identities, the run folder's layout, atomic writes.
 
-An identity is a plain dict built from `to_dict(cfg, results_only=True)` (every config field not marked
+An identity is a plain dict built from `to_dict(cfg, "results")` (every config field not marked
 NOT_RESULT) plus digests of the inputs; it is stored beside what it identifies (checkpoint, result, cache), so a
 mismatch can say what differs. Every file is written to a temporary name and renamed, so a run killed mid-write
 never leaves a broken one.

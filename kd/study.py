@@ -70,9 +70,6 @@ class Study:
         self.folder = RunFolder(cfg.run_dir)
         self.sample = sample_batch(self.data)  # (images, labels) on the CPU, for dry passes
         self.image_shape = tuple(self.sample[0].shape[1:])
-        # What the models learn from: every result-changing data setting, the pipeline used, the images' content.
-        self.data_identity = canonical({**to_dict(cfg.data, results_only=True), "pipeline": self.data.pipeline,
-                                        "content": self.data.content})
         self.teacher = self.new_model(cfg.teacher, "teacher").to(self.device)
         self.teacher_taps = Taps(self.teacher, feature_layers(cfg.stages, "teacher"))  # every stage's layers
         self.teacher_note = None  # what differs, when teacher.accept_checkpoint let a mismatching teacher in
@@ -119,9 +116,15 @@ class Study:
         info(f"[check] one training step on {self.device} passed for {'the teacher and ' if to_train else ''}"
              f"{len(self.cfg.stages)} stage(s) x {len(self.cfg.student_seeds)} seed(s)")
 
+    def data_identity(self, scope="results"):
+        """What the models learn from (and, in scope "results", are tested on): the data settings of `scope`, the
+        pipeline used, and the images' content."""
+        return canonical({**to_dict(self.cfg.data, scope), "pipeline": self.data.pipeline,
+                          "content": self.data.content})
+
     def teacher_identity(self):
         """What makes the teacher: the data it learns from, its model, starting weights and recipe, the seed."""
-        return canonical({"data": self.data_identity, "teacher": to_dict(self.cfg.teacher, results_only=True),
+        return canonical({"data": self.data_identity("training"), "teacher": to_dict(self.cfg.teacher, "training"),
                           "seed": self.cfg.seed})
 
     def obtain_teacher(self):
@@ -151,7 +154,7 @@ class Study:
             raise ConfigError("teacher.checkpoint", f"{path} does not hold a '{tcfg.name}' for this data "
                               f"({str(e).splitlines()[0]}); point it elsewhere or delete it to retrain") from None
         self.teacher_note = self.check_provenance(ckpt.get("identity"), identity, path)
-        key = fingerprint(self.data_identity, file_digest(path))
+        key = fingerprint(self.data_identity(), file_digest(path))
         return self.folder.reuse("teacher", key, stale_ok=True) or self.finish(
             "teacher", self.teacher, key, str(path), ckpt.get("train", {}))
 
@@ -174,11 +177,11 @@ class Study:
         mode = self.cfg.cache.mode
         replay = stage.uses_teacher and mode != "off" and (mode == "logits+features" or not stage.features)
         identity = canonical({
-            "data": self.data_identity, "student": to_dict(self.cfg.student, results_only=True),
-            "train": to_dict(self.cfg.train, results_only=True), "stage": to_dict(stage, results_only=True),
+            "data": self.data_identity(), "student": to_dict(self.cfg.student, "results"),
+            "train": to_dict(self.cfg.train, "results"), "stage": to_dict(stage, "results"),
             "seed": self.cfg.seed, "student_seed": seed,
             "teacher": file_digest(self.cfg.teacher.checkpoint) if stage.uses_teacher else None,
-            "cache": to_dict(self.cfg.cache, results_only=True) if replay else None})
+            "cache": to_dict(self.cfg.cache, "results") if replay else None})
         key, name = fingerprint(identity), stage.name if self.cfg.seeds is None else f"{stage.name}/seed{seed}"
         done = self.folder.reuse(name, key, identity)
         if done:
@@ -198,7 +201,7 @@ class Study:
                 self.teacher.eval()(self.sample[0].to(self.device))
             shapes = {k: tuple(v.shape[1:]) for k, v in self.teacher_taps.take().items() if k in layers}
             # the students' batch size changes their training, not the images the teacher sees
-            data = {k: v for k, v in self.data_identity.items() if k != "batch_size"}
+            data = {k: v for k, v in self.data_identity("training").items() if k != "batch_size"}
             identity = {"data": data, "teacher": file_digest(self.cfg.teacher.checkpoint), "seed": self.cfg.seed,
                         "amp": resolve_amp(self.cfg.train.amp, self.device)[0]}
             loader = train_loader(self.data, self.cfg.data, self.device, self.cfg.seed, views=c.views, shuffle=False,

@@ -229,9 +229,9 @@ def write_images(folder, seed):
 def provenance_config(smoke_config, tmp_path, monkeypatch):
     monkeypatch.setitem(DATASETS._items, "test_tensor_file", tensor_file)  # registered for this test only
 
-    def write(root=None, **changes):
+    def write(root=None, test_subset=None, **changes):
         return smoke_config(data={"dataset": "test_tensor_file", "root": root or write_images(tmp_path / "a", 0),
-                                  "val_size": 32, "train_subset": None, "test_subset": None},
+                                  "val_size": 32, "train_subset": None, "test_subset": test_subset},
                             stages=[{"name": "kd", "logit": {"name": "kd"}}], **changes)
     return write
 
@@ -259,6 +259,20 @@ def test_a_teacher_made_from_other_images_is_refused_and_a_moved_copy_of_the_sam
     (moved).mkdir()
     (moved / "data.pt").write_bytes((tmp_path / "a" / "data.pt").read_bytes())
     assert run.main(["--config", str(provenance_config(root=str(moved), name="moved")), "--device", "cpu"]) == 0
+
+
+def test_a_smaller_test_split_keeps_the_teacher_and_measures_it_again(provenance_config, capsys):
+    """The test split changes what is reported, not what the teacher learnt."""
+    cfg = provenance_config()
+    assert run.main(["--config", str(cfg), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert run.main(["--config", str(cfg), "--device", "cpu", "--set", "data.test_subset=16"]) == 2
+    assert "finished under a different config (data.test_subset: None -> 16)" in capsys.readouterr().err
+    report = json.loads((cfg.parent / "runs" / "smoke" / "teacher" / "result.json").read_text())
+    assert report["fingerprint"] and report["checkpoint"] == str(cfg.parent / "teacher.pt")
+    again = provenance_config(name="small_test", test_subset=16)
+    assert run.main(["--config", str(again), "--device", "cpu"]) == 0
+    assert "[teacher] test top-1" in capsys.readouterr().out  # re-measured on the new split, not retrained
 
 
 def test_a_teacher_without_provenance_is_refused_unless_accepted_and_then_the_report_says_so(provenance_config, capsys):

@@ -42,12 +42,12 @@ def minimal_config():
 def test_identity_is_every_field_but_the_marked_ones():
     names = [name for name, _, _ in leaf_fields(minimal_config())]
     assert NOT_RESULT <= set(names)
-    reference = fingerprint(to_dict(minimal_config(), results_only=True))
+    reference = fingerprint(to_dict(minimal_config(), "results"))
     for name in names:
         cfg = minimal_config()
         _, owner, field = next(leaf for leaf in leaf_fields(cfg) if leaf[0] == name)
         setattr(owner, field, "changed")
-        changed = fingerprint(to_dict(cfg, results_only=True)) != reference
+        changed = fingerprint(to_dict(cfg, "results")) != reference
         assert changed == (name not in NOT_RESULT), name
 
 
