@@ -32,8 +32,8 @@ import torch
 from kd.config import load_config
 from kd.device import autocast
 from kd.distiller import Distiller
-from kd.evaluate import timed
 from kd.errors import ConfigError, KDError
+from kd.evaluate import timed
 from kd.report import device_name
 
 

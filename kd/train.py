@@ -9,12 +9,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+
 from .device import autocast, barrier, is_main
 from .errors import KDError
 from .evaluate import accuracy
 from .log import Progress, info
 from .store import BEST, LAST, METRICS, atomic, save
-
 
 SYNC_EVERY = 50
 

@@ -3,7 +3,6 @@ import gzip
 import hashlib
 import pickle
 import struct
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np

@@ -7,17 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 import run
 from kd.config import TrainConfig, load_config
 from kd.data import DATASETS, Splits
 from kd.device import resolve_amp
 from kd.distiller import Distiller
+from kd.errors import ConfigError
 from kd.evaluate import accuracy
 from kd.log import Progress
 from kd.models import create_model
-from kd.errors import ConfigError
 
 from conftest import CONFIGS, ROOT
 
