@@ -82,7 +82,7 @@ class DataConfig:
     eval_batch_size: int = _setting(512)
     num_workers: int = _setting(2)
     # tensor: in-memory uint8 tensor, batched augmentation on the device; loader: DataLoader. The pipeline actually
-    # used is part of identity (Data.identity), not this request.
+    # used is part of identity (Study.data_identity), not this request.
     pipeline: str = _setting("auto")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 

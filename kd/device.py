@@ -43,7 +43,7 @@ def resolve_device(name):
 @functools.lru_cache
 def native_bf16(device):
     """Whether `device` computes bf16 in hardware: CUDA GPUs that support it; CPUs with AVX512-BF16 or AMX. On
-    other CPUs bf16 is emulated: on an AVX2-only AMD EPYC (Zen 3) bf16 autocast ran ResNet-18 ~30x slower than fp32."""
+    other CPUs bf16 is emulated: on an AVX2-only AMD EPYC (Zen 3) bf16 autocast ran ResNet-18 26x slower than fp32."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
@@ -52,18 +52,24 @@ def native_bf16(device):
 
 
 def resolve_amp(amp, device):
-    """The precision `amp` means on `device`, and why: 'auto' is bf16 where it runs natively, else off (fp32)."""
+    """The precision `amp` means on `device`: 'auto' is bf16 where it runs natively, else off (fp32). Cheap enough
+    for every step (the hardware answer is cached)."""
+    return amp if amp != "auto" else "bf16" if native_bf16(device) else "off"
+
+
+def amp_reason(amp, device):
+    """Why `amp` resolves as it does on `device`, for the line the run prints."""
     if amp != "auto":
-        return amp, "as configured"
+        return "as configured"
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"this CPU ({torch.backends.cpu.get_cpu_capability()})" if device.type == "cpu" else device.type
     if native_bf16(device):
-        return "bf16", f"{where} runs bf16 natively"
-    return "off", f"{where} has no native bf16 (CUDA bf16, AVX512-BF16 or AMX), where emulated bf16 is slower than fp32"
+        return f"{where} runs bf16 natively"
+    return f"{where} has no native bf16 (CUDA bf16, AVX512-BF16 or AMX), where emulated bf16 is slower than fp32"
 
 
 def autocast(device, amp):
-    amp = resolve_amp(amp, device)[0]
+    amp = resolve_amp(amp, device)
     if amp == "off":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
@@ -95,9 +101,10 @@ def setup(cfg):
     rank, world = init_distributed(device)
     precision, decisions = {}, {}
     for key, train_cfg in (("teacher.train.amp", cfg.teacher.train), ("train.amp", cfg.train)):
-        amp, why = resolve_amp(train_cfg.amp, device)
+        amp = resolve_amp(train_cfg.amp, device)
         precision[key] = "fp32" if amp == "off" else amp
-        decisions.setdefault(f"{train_cfg.amp} -> {precision[key]} ({why})", []).append(key)
+        decisions.setdefault(f"{train_cfg.amp} -> {precision[key]} ({amp_reason(train_cfg.amp, device)})",
+                             []).append(key)
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)

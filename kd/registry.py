@@ -26,7 +26,7 @@ class Registry:
         return sorted(self._items)
 
     def listing(self):
-        """One line per entry: `name(parameter: type = default, ...)` and the first line of its docstring."""
+        """One line per entry: `name(parameter: type = default, ...)` and the first paragraph of its docstring."""
         lines = []
         for name in self.names():
             fn = self._items[name]

@@ -1,7 +1,7 @@
 """What a run writes and when it may be reused: identities, the run folder's layout, atomic writes.
 
-An identity is a plain dict built from `to_dict(cfg, "results")` (every config field not marked
-NOT_RESULT) plus digests of the inputs; it is stored beside what it identifies (checkpoint, result, cache), so a
+An identity is a plain dict built from `to_dict(cfg, "results")` (every config field not marked NOT_RESULT;
+"training" also leaves out the EVALUATION ones, for what made a teacher) plus digests of the inputs; it is stored beside what it identifies (checkpoint, result, cache), so a
 mismatch can say what differs. Every file is written to a temporary name and renamed, so a run killed mid-write
 never leaves a broken one.
 """
@@ -120,7 +120,7 @@ class RunFolder:
             return Result(**result)
         if stale_ok:
             return None
-        changed = "; ".join(differences(result["identity"], identity)) if "identity" in result and identity \
+        changed = "; ".join(differences(result["identity"], identity)) if result.get("identity") and identity \
             else "data, model, recipe, method or teacher changed"
         raise KDError(f"{self.model(name)}: finished under a different config ({changed}); rename the stage or the "
                       "study, or delete that folder to retrain it")

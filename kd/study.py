@@ -203,7 +203,7 @@ class Study:
             # the students' batch size changes their training, not the images the teacher sees
             data = {k: v for k, v in self.data_identity("training").items() if k != "batch_size"}
             identity = {"data": data, "teacher": file_digest(self.cfg.teacher.checkpoint), "seed": self.cfg.seed,
-                        "amp": resolve_amp(self.cfg.train.amp, self.device)[0]}
+                        "amp": resolve_amp(self.cfg.train.amp, self.device)}
             loader = train_loader(self.data, self.cfg.data, self.device, self.cfg.seed, views=c.views, shuffle=False,
                                   batch_size=c.batch_size)
             self._cache = TeacherCache.open_or_build(c, identity, shapes, self.teacher, self.teacher_taps, loader,

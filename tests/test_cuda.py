@@ -41,7 +41,7 @@ def test_every_method_over_two_seeds_on_cuda(smoke_config, in_memory_data, tmp_p
     assert run.main(["--config", str(cfg), "--device", "cuda"]) == 0, capsys.readouterr().err
     report = json.loads((cfg.parent / "runs" / "smoke" / "report.json").read_text())
     assert list(report["models"]) == ["teacher"] + [s["name"] for s in EVERY_METHOD]
-    amp = resolve_amp("auto", torch.device("cuda"))[0]
+    amp = resolve_amp("auto", torch.device("cuda"))
     assert report["meta"]["precision"]["train.amp"] == ("fp32" if amp == "off" else amp)
     assert amp == ("bf16" if torch.cuda.is_bf16_supported() else "off")
     for name, row in report["models"].items():

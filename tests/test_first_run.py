@@ -11,7 +11,7 @@ import torch
 import run
 from kd.config import TrainConfig, load_config
 from kd.data import DATASETS, Splits
-from kd.device import resolve_amp
+from kd.device import amp_reason, resolve_amp
 from kd.distiller import Distiller
 from kd.errors import ConfigError
 from kd.evaluate import accuracy
@@ -40,7 +40,7 @@ def cpu_flags():
 
 
 def test_auto_precision_is_bf16_only_where_this_cpu_runs_it_natively():
-    amp, why = resolve_amp("auto", torch.device("cpu"))
+    amp, why = resolve_amp("auto", torch.device("cpu")), amp_reason("auto", torch.device("cpu"))
     capability = torch.backends.cpu.get_cpu_capability()
     if capability in ("AVX2", "DEFAULT"):  # no AVX-512 at all: no AVX512-BF16, no AMX
         assert amp == "off", why
@@ -54,10 +54,10 @@ def test_auto_precision_follows_the_hardware_and_explicit_choices_pass_through(m
     import kd.device
     cpu = torch.device("cpu")
     monkeypatch.setattr(kd.device, "native_bf16", lambda device: True)
-    assert resolve_amp("auto", cpu)[0] == "bf16"
+    assert resolve_amp("auto", cpu) == "bf16"
     monkeypatch.setattr(kd.device, "native_bf16", lambda device: False)
-    assert resolve_amp("auto", cpu)[0] == "off"
-    assert [resolve_amp(a, cpu)[0] for a in ("off", "bf16")] == ["off", "bf16"]
+    assert resolve_amp("auto", cpu) == "off"
+    assert [resolve_amp(a, cpu) for a in ("off", "bf16")] == ["off", "bf16"]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -70,7 +70,7 @@ def test_shipped_configs_choose_precision_per_machine(path):
 def test_run_says_which_precision_it_chose_and_why(smoke_config, capsys):
     assert run.main(["--config", str(smoke_config(stages=[{"name": "baseline"}])), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    amp = resolve_amp("auto", torch.device("cpu"))[0]
+    amp = resolve_amp("auto", torch.device("cpu"))
     assert f"[precision] teacher.train.amp and train.amp: auto -> {'fp32' if amp == 'off' else amp} (" in out
 
 
