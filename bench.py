@@ -35,6 +35,7 @@ from kd.distiller import Distiller
 from kd.errors import ConfigError, KDError
 from kd.evaluate import timed
 from kd.report import device_name
+from kd.store import BEST
 
 
 def positive(text):
@@ -83,7 +84,7 @@ def train_variant(study, variant, stage, seed, cache=None):
         else study.new_distiller(stage, seed, cache)
     trained = study.fit(name, distiller, study.cfg.train, key=name, seed=seed,
                         views=study.cfg.cache.views if cache else None)
-    result = study.finish(name, distiller.student, name, str(study.folder.best(name)), trained)
+    result = study.finish(name, distiller.student, name, f"{name}/{BEST}", trained)
     return {"variant": variant, "seed": seed, "epoch_seconds": trained["epoch_seconds"],
             "images_per_s": trained["train_images_per_s"], "test_top1": result.test_top1}
 

@@ -4,8 +4,7 @@ Correct under random augmentation by construction: the tensor pipeline's crop an
 function of (seed, view, index), so student epoch e replays view e mod K with exactly the pixels the teacher saw.
 A per-index cache without views (as in torchdistill) would pair outputs with the wrong crops.
 """
-import json
-import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,82 +12,103 @@ import torch
 
 from .config import to_dict
 from .device import autocast
-from .errors import KDError
+from .errors import ConfigError, KDError
 from .log import Progress, info
-from .store import fingerprint, write_text
+from .store import file_digest, fingerprint, free_bytes, read_json, write_json
 
-FORMAT = 2
+FORMAT = 3
 
 
 class TeacherCache:
     """Memory-mapped fp16 arrays under `<dir>/<key>/`: logits (K, N, classes), or the top-k values and class
-    indices when classes are many, and one array per cached feature layer; `manifest.json` is written last,
-    so a cache without it (a build that was killed) or with a file of the wrong size (truncated) is rebuilt."""
+    indices when classes are many, and one array per cached feature layer. `manifest.json`, written last, holds
+    each array file's digest, checked at every open: a cache without it (a build that was killed), with a damaged
+    manifest, or with an array of the wrong size or content is rebuilt, with a message."""
 
     def __init__(self, folder, manifest, device):
         self.folder, self.manifest, self.device = folder, manifest, device
         self.arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in manifest["arrays"]}
 
     @staticmethod
-    def plan(n, views, num_classes, topk, feature_shapes):
-        """Array name -> (shape, dtype) for everything the cache stores."""
+    def locate(cfg, identity, feature_shapes, n, num_classes):
+        """The cache's folder, keyed by everything that shapes the stored outputs, and its plan: array name ->
+        (shape, dtype). `identity`: what comes from outside (the training images, augmentation and its seed, the
+        teacher's weights, the precision); the cache adds its own settings and the recorded layers' shapes."""
+        key = fingerprint(FORMAT, identity, to_dict(cfg, "results"), feature_shapes)
         arrays = {}
-        if topk and topk < num_classes:
-            arrays["topk_values"] = ((views, n, topk), np.float16)
-            arrays["topk_indices"] = ((views, n, topk), np.int32)
+        if cfg.topk and cfg.topk < num_classes:
+            arrays["topk_values"] = ((cfg.views, n, cfg.topk), np.float16)
+            arrays["topk_indices"] = ((cfg.views, n, cfg.topk), np.int32)
         else:
-            arrays["logits"] = ((views, n, num_classes), np.float16)
+            arrays["logits"] = ((cfg.views, n, num_classes), np.float16)
         for layer, shape in feature_shapes.items():
-            arrays[f"feature.{layer}"] = ((views, n, *shape), np.float16)
-        return arrays
+            arrays[f"feature.{layer}"] = ((cfg.views, n, *shape), np.float16)
+        return Path(cfg.dir) / key, arrays
+
+    @staticmethod
+    def nbytes(plan):
+        return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in plan.values())
 
     @classmethod
-    def open_or_build(cls, cfg, identity, feature_shapes, teacher, taps, loader, num_classes, device, amp):
-        """Reuse the cache whose key matches everything that shapes the stored outputs, build it otherwise.
-        `identity`: what comes from outside (the training images, augmentation and its seed, the teacher's
-        weights, the precision); the cache adds its own settings and the recorded layers' shapes. `loader` is
-        the students' training loader, unshuffled: the cache records the very pixels they train on."""
-        key = fingerprint(FORMAT, identity, to_dict(cfg, "results"), feature_shapes)
-        folder = Path(cfg.dir) / key
-        plan = cls.plan(loader.dataset_size, cfg.views, num_classes, cfg.topk, feature_shapes)
+    def ensure_room(cls, folder, plan):
+        """Refuse, before anything is written, a cache that is not on disk yet and would not fit."""
+        if (folder / "manifest.json").exists():
+            return
+        need, free = cls.nbytes(plan), free_bytes(folder)
+        if need > free:
+            raise ConfigError("cache.dir", f"the teacher cache needs {need / 2**30:.2f} GiB but {folder.parent} has "
+                              f"{free / 2**30:.2f} GiB free; free space, point cache.dir elsewhere, lower cache.views "
+                              "or use cache: logits")
+
+    @classmethod
+    def open_or_build(cls, folder, plan, teacher, taps, loader, num_classes, device, amp):
+        """Reuse the intact cache in `folder`, build it otherwise. `loader` is the students' training loader,
+        unshuffled: the cache records the very pixels they train on."""
         manifest = cls.read_valid_manifest(folder, plan)
         if manifest is None:
-            manifest = cls.build(folder, plan, teacher, taps, loader, cfg.views, num_classes, device, amp)
-        else:
-            info(f"[cache] reusing {folder}")
+            manifest = cls.build(folder, plan, teacher, taps, loader, num_classes, device, amp)
         return cls(folder, manifest, device)
 
     @staticmethod
     def read_valid_manifest(folder, plan):
+        """The manifest of a complete, intact cache for `plan`, or None (with the reason) to rebuild it."""
         path = folder / "manifest.json"
         if not path.exists():
             if folder.exists():
                 info(f"[cache] {folder} is incomplete (no manifest); rebuilding")
             return None
-        manifest = json.loads(path.read_text())
-        for name, (shape, dtype) in plan.items():
-            file = folder / f"{name}.npy"
-            expected = manifest["arrays"].get(name, {}).get("bytes")
-            if not file.exists() or file.stat().st_size != expected or manifest["arrays"][name]["shape"] != list(shape):
+        try:
+            manifest = read_json(path, "")
+        except KDError:
+            info(f"[cache] {path} is damaged; rebuilding")
+            return None
+        start, total = time.perf_counter(), 0
+        for name, (shape, _) in plan.items():
+            file, entry = folder / f"{name}.npy", manifest["arrays"].get(name, {})
+            if not file.exists() or file.stat().st_size != entry.get("bytes") or entry.get("shape") != list(shape):
                 info(f"[cache] {file} is missing, truncated or of another shape; rebuilding")
                 return None
+            if file_digest(file) != entry.get("digest"):
+                info(f"[cache] {file} does not match its digest (damaged); rebuilding")
+                return None
+            total += entry["bytes"]
+        info(f"[cache] reusing {folder} ({total / 2**20:.1f} MiB verified in {time.perf_counter() - start:.2f} s)")
         return manifest
 
-    @staticmethod
-    def build(folder, plan, teacher, taps, loader, views, num_classes, device, amp):
+    @classmethod
+    def build(cls, folder, plan, teacher, taps, loader, num_classes, device, amp):
         """One teacher pass per view over `loader`, in inference mode and in the students' precision (`amp`), as
         a live teacher would run inside their training step."""
-        need = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in plan.values())
-        folder.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(folder).free
-        info(f"[cache] building {need / 2**20:.1f} MiB of teacher outputs in {folder} ({views} views)")
-        if need > free:
-            raise KDError(f"cache.dir: the teacher cache needs {need / 2**30:.2f} GiB but {folder} has "
-                          f"{free / 2**30:.2f} GiB free; free space, point cache.dir elsewhere, lower cache.views "
-                          "or use cache: logits")
-        (folder / "manifest.json").unlink(missing_ok=True)
-        arrays = {name: np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
-                  for name, (shape, dtype) in plan.items()}
+        cls.ensure_room(folder, plan)
+        views = next(iter(plan.values()))[0][0]
+        info(f"[cache] building {cls.nbytes(plan) / 2**20:.1f} MiB of teacher outputs in {folder} ({views} views)")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "manifest.json").unlink(missing_ok=True)
+            arrays = {name: np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+                      for name, (shape, dtype) in plan.items()}
+        except OSError as e:
+            raise ConfigError("cache.dir", f"cannot write the teacher cache in {folder} ({e.strerror or e})") from None
         layers = [name.split(".", 1)[1] for name in plan if name.startswith("feature.")]
         teacher.eval()
         taps.take()
@@ -110,10 +130,11 @@ class TeacherCache:
                     arrays[f"feature.{layer}"][view, rows] = features[layer].float().cpu().numpy()
         for array in arrays.values():
             array.flush()
+        files = {name: folder / f"{name}.npy" for name in plan}
         manifest = {"format": FORMAT, "views": views, "size": loader.dataset_size, "num_classes": num_classes,
-                    "arrays": {name: {"shape": list(shape), "bytes": (folder / f"{name}.npy").stat().st_size}
-                               for name, (shape, _) in plan.items()}}
-        write_text(folder / "manifest.json", json.dumps(manifest, indent=2))
+                    "arrays": {name: {"shape": list(shape), "bytes": files[name].stat().st_size,
+                                      "digest": file_digest(files[name])} for name, (shape, _) in plan.items()}}
+        write_json(folder / "manifest.json", manifest)
         return manifest
 
     def lookup(self, view, idx):

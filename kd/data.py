@@ -95,10 +95,10 @@ def stage_debian_fashion_mnist(raw_folder):
 @DATASETS.register("fashion_mnist")
 def fashion_mnist(cfg):
     """Fashion-MNIST, 28x28 grey, 10 classes: torchvision's files, or Debian's dataset-fashion-mnist package."""
-    stage_debian_fashion_mnist(Path(cfg.root) / "FashionMNIST" / "raw")
     mean, std = (0.2860,), (0.3530,)
     train_tf, eval_tf = small_image_transforms(cfg, 28, mean, std)
     try:
+        stage_debian_fashion_mnist(Path(cfg.root) / "FashionMNIST" / "raw")
         train, test = (torchvision.datasets.FashionMNIST(cfg.root, train=t, transform=tf, download=cfg.download)
                        for t, tf in ((True, train_tf), (False, eval_tf)))
     except (RuntimeError, OSError) as e:
@@ -142,6 +142,8 @@ def fake(cfg):
 def build_data(cfg, device=torch.device("cpu"), distributed=False):
     """Hold out `val_size` training images (fixed by split_seed) for checkpoint selection; for the tensor
     pipeline, gather each split into one uint8 tensor, placed on `device` once for every loader of the study."""
+    if Path(cfg.root).exists() and not Path(cfg.root).is_dir():
+        raise ConfigError("data.root", f"{cfg.root} is a file; it names the folder that holds the dataset")
     s = DATASETS.get(cfg.dataset, "data.dataset")(cfg)
     n = len(s.train)
     if cfg.val_size >= n:

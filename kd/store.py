@@ -1,21 +1,27 @@
 """What a run writes and when it may be reused: identities, the run folder's layout, atomic writes.
 
 An identity is a plain dict built from `to_dict(cfg, "results")` (every config field not marked NOT_RESULT;
-"training" also leaves out the EVALUATION ones, for what made a teacher) plus digests of the inputs; it is stored beside what it identifies (checkpoint, result, cache), so a
+"training" also leaves out the EVALUATION ones, for what made a teacher) plus digests of the inputs' content
+(tensors, images), never of file bytes; it is stored beside what it identifies (checkpoint, result, cache), so a
 mismatch can say what differs. Every file is written to a temporary name and renamed, so a run killed mid-write
-never leaves a broken one.
+never leaves a broken one, and every file the run reads back (checkpoints, results, the cache's manifest) carries
+the digest of its content, checked when read: nothing damaged is ever used.
 """
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from .errors import KDError
+from .errors import ConfigError, KDError
 
 
 def canonical(parts):
@@ -25,6 +31,34 @@ def canonical(parts):
 
 def fingerprint(*parts):
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def content_digest(obj):
+    """A digest of what `obj` holds, the same wherever its tensors live: tensors and arrays by dtype, shape and
+    bytes, containers by their items, anything else by repr. A checkpoint's digest, and a model's identity."""
+    h = hashlib.sha256()
+
+    def feed(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(x, np.ndarray):
+            h.update(f"A{x.dtype}{x.shape}".encode())
+            h.update(np.ascontiguousarray(x).tobytes())
+        elif isinstance(x, dict):
+            h.update(b"D%d" % len(x))
+            for k in sorted(x, key=repr):
+                feed(k)
+                feed(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(b"L%d" % len(x))
+            for item in x:
+                feed(item)
+        else:
+            h.update(f"{type(x).__name__}:{x!r};".encode())
+    feed(obj)
+    return h.hexdigest()[:16]
 
 
 def file_digest(path):
@@ -53,15 +87,24 @@ def differences(old, new, most=4):
     return changed[:most] + ([f"and {len(changed) - most} more"] if len(changed) > most else [])
 
 
+def damaged(path, reason, remedy):
+    return KDError(f"{path} is damaged ({reason}); {remedy}")
+
+
 @contextlib.contextmanager
 def atomic(path):
-    """Yields a temporary path beside `path` to write; renamed onto `path` only if the block finishes."""
+    """Yields a temporary path beside `path` to write; renamed onto `path` only if the block finishes. A file
+    system that refuses (full disk, a file where a folder should be, no permission) is one line naming the path,
+    and no temporary file is left behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        raise KDError(f"{path}: cannot write it ({e.strerror or e}); free space there or choose another folder") \
+            from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -72,9 +115,72 @@ def write_text(path, text):
 
 
 def save(obj, path):
-    """torch.save, atomically."""
+    """torch.save of the dict `obj` with its content digest added, atomically. Serialised in memory first, so a
+    full disk is an OSError (one line) rather than an error deep in torch's writer."""
+    buffer = io.BytesIO()
+    torch.save({**obj, "digest": content_digest(obj)}, buffer)
     with atomic(path) as tmp:
-        torch.save(obj, tmp)
+        tmp.write_bytes(buffer.getbuffer())
+
+
+def load(path, remedy, weights_only=True, unsigned_ok=False):
+    """A dict written by `save`, on the CPU, its digest checked: a file that cannot be read, or whose content no
+    longer matches its digest, is one line naming it and `remedy`. `unsigned_ok`: files made elsewhere (a
+    downloaded teacher) may carry no digest; they are read as they are."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as e:  # a damaged file fails in many ways: zip, pickle, storage, permission
+        raise damaged(path, f"unreadable: {(str(e).strip().splitlines() or [type(e).__name__])[0][:120]}",
+                      remedy) from None
+    if not isinstance(obj, dict):
+        raise damaged(path, f"holds a {type(obj).__name__}, not a checkpoint", remedy)
+    digest = obj.pop("digest", None)
+    if digest is None and not unsigned_ok:
+        raise damaged(path, "it carries no digest", remedy)
+    if digest is not None and digest != content_digest(obj):
+        raise damaged(path, "its content does not match its digest", remedy)
+    return obj
+
+
+def write_json(path, obj):
+    """JSON with a digest of the rest, checked by `read_json`."""
+    write_text(path, json.dumps({**obj, "digest": fingerprint(obj)}, indent=2) + "\n")
+
+
+def read_json(path, remedy):
+    try:
+        obj = json.loads(Path(path).read_bytes())
+        digest = obj.pop("digest")
+    except (ValueError, AttributeError, KeyError, TypeError, OSError) as e:
+        raise damaged(path, f"not the JSON this run wrote: {type(e).__name__}", remedy) from None
+    if digest != fingerprint(obj):
+        raise damaged(path, "its content does not match its digest", remedy)
+    return obj
+
+
+def writable_folder(path, key):
+    """Check before any long work that `path` is a folder this process can write in, or can be made one; creates
+    nothing, so a run stopped by a later check leaves no trace."""
+    path = Path(path)
+    existing = nearest_existing(path)
+    if not existing.is_dir():
+        raise ConfigError(key, f"{path} cannot be a folder: {existing} is a file")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        raise ConfigError(key, f"{path} is not writable ({existing}: {e.strerror or e})") from None
+
+
+def nearest_existing(path):
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def free_bytes(path):
+    """Free space on the file system that holds `path` (or would, once it is created)."""
+    return shutil.disk_usage(nearest_existing(path)).free
 
 
 @dataclass
@@ -82,7 +188,7 @@ class Result:
     """A finished model as its result.json holds it: held-out accuracy, and the facts of its training (fit's
     `training` dict: best_epoch, epochs, train_images_per_s, epoch_seconds, method_params, method_state_bytes)."""
     fingerprint: str
-    checkpoint: str  # the file a user deploys: the stage's best.pt, or the teacher checkpoint
+    checkpoint: str  # the file a user deploys: a stage's best.pt relative to the run folder, or the teacher's
     val_top1: float
     test_top1: float
     test_top5: float | None  # None with 5 classes or fewer
@@ -96,7 +202,8 @@ BEST, LAST, METRICS, RESULT = "best.pt", "last.pt", "metrics.csv", "result.json"
 
 class RunFolder:
     """<output_dir>/<name>/: config.yaml, report.json, report.md, and one folder per model (teacher, each stage,
-    each stage's seed) holding best.pt (deployable weights), last.pt (resume state), metrics.csv, result.json."""
+    each stage's seed) holding best.pt (deployable weights), last.pt (resume state), metrics.csv, result.json.
+    Nothing inside names the folder itself, so a run folder can be moved."""
 
     def __init__(self, root):
         self.root = Path(root)
@@ -108,22 +215,40 @@ class RunFolder:
         """The deployable weights of a trained model."""
         return self.model(name) / BEST
 
-    def reuse(self, name, key, identity=None, stale_ok=False):
-        """The stored result of a finished model, if it was made under `key`; one finished under another config
-        is never overwritten (the error says what changed). `stale_ok`: the result only evaluates a checkpoint
-        kept elsewhere (the teacher's), so it is simply measured again."""
+    def result(self, name):
+        """The model's stored Result, or None; a damaged one is an error, never a silent retrain."""
         path = self.model(name) / RESULT
         if not path.exists():
             return None
-        result = json.loads(path.read_text())
-        if result["fingerprint"] == key:
-            return Result(**result)
-        if stale_ok:
+        remedy = f"delete {self.model(name)} to train that model again"
+        fields = read_json(path, remedy)
+        try:
+            return Result(**fields)
+        except TypeError as e:
+            raise damaged(path, str(e), remedy) from None
+
+    def reuse(self, name, key, identity):
+        """The stored result of a finished model, if it was made under `key` and its best.pt is intact and its own;
+        one finished under another config is never overwritten (the error says what changed)."""
+        result = self.result(name)
+        if result is None:
             return None
-        changed = "; ".join(differences(result["identity"], identity)) if result.get("identity") and identity \
-            else "data, model, recipe, method or teacher changed"
-        raise KDError(f"{self.model(name)}: finished under a different config ({changed}); rename the stage or the "
-                      "study, or delete that folder to retrain it")
+        if result.fingerprint != key:
+            changed = "; ".join(differences(result.identity, identity)) if result.identity \
+                else "data, model, recipe, method or teacher changed"
+            raise KDError(f"{self.model(name)}: finished under a different config ({changed}); rename the stage or "
+                          "the study, or delete that folder to retrain it")
+        self.load_best(name, key)
+        return result
+
+    def load_best(self, name, key):
+        """The model's best.pt, checked: intact, and written by the training its result describes."""
+        remedy = f"delete {self.model(name)} to train that model again"
+        ckpt = load(self.best(name), remedy) if self.best(name).exists() else None
+        if ckpt is None or ckpt.get("fingerprint") != key:
+            raise KDError(f"{self.best(name)} is {'missing' if ckpt is None else 'not the one its result.json describes'}"
+                          f"; {remedy}")
+        return ckpt
 
     def store(self, name, result):
-        write_text(self.model(name) / RESULT, json.dumps(dataclasses.asdict(result), indent=2) + "\n")
+        write_json(self.model(name) / RESULT, dataclasses.asdict(result))

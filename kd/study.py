@@ -1,9 +1,9 @@
 """The study: obtain a teacher, train (or reuse) every student stage for every seed, measure all models, report."""
 import dataclasses
 import os
-import pickle
 import statistics
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import yaml
@@ -19,15 +19,9 @@ from .log import info
 from .models import count_parameters, create_model, load_weights
 from .preflight import dry_step
 from .report import write_report
-from .store import LAST, Result, RunFolder, canonical, differences, file_digest, fingerprint, save
+from .store import (BEST, LAST, Result, RunFolder, canonical, content_digest, differences, fingerprint, load, save,
+                    writable_folder, write_text)
 from .train import Trainer, seed_everything
-
-
-def load_model_file(model, path):
-    """Load {"model": state_dict, ...} files (best.pt, teacher checkpoints); returns the whole dict."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(ckpt["model"])
-    return ckpt
 
 
 SEED_STATS = ("val_top1", "test_top1", "test_top5", "test_loss", "train_images_per_s", "epoch_seconds")
@@ -54,6 +48,16 @@ def over_seeds(results, seeds):
     return summary
 
 
+class Job(NamedTuple):
+    """One student to train or reuse: a stage for one seed, its folder name, what makes it and its stored Result."""
+    stage: object
+    seed: int
+    name: str
+    identity: dict
+    key: str
+    done: Result | None
+
+
 class Study:
     def __init__(self, cfg, resume=False):
         self.cfg, self.resume = cfg, resume
@@ -73,17 +77,21 @@ class Study:
         self.teacher = self.new_model(cfg.teacher, "teacher").to(self.device)
         self.teacher_taps = Taps(self.teacher, feature_layers(cfg.stages, "teacher"))  # every stage's layers
         self.teacher_note = None  # what differs, when teacher.accept_checkpoint let a mismatching teacher in
+        self.teacher_digest = None  # the loaded teacher's weights: its identity wherever and however it was saved
+        self.teacher_train = {}  # the facts of its training, as its checkpoint records them
         self._cache = None
 
     def run(self):
         self.check()
         if self.main:
-            self.folder.root.mkdir(parents=True, exist_ok=True)
-            (self.folder.root / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+            write_text(self.folder.root / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
         results = {"teacher": row(self.obtain_teacher())}
         self.teacher.requires_grad_(False)
+        jobs = [self.student_job(stage, seed) for stage in self.cfg.stages for seed in self.cfg.student_seeds]
+        if any(job.done is None and self.replays(job.stage) for job in jobs):
+            self.teacher_cache()  # before any student trains: a cache that cannot be built stops the run here
         for stage in self.cfg.stages:
-            results[stage.name] = over_seeds([self.train_student(stage, seed) for seed in self.cfg.student_seeds],
+            results[stage.name] = over_seeds([self.train_student(job) for job in jobs if job.stage is stage],
                                              self.cfg.student_seeds)
         if self.main:
             return write_report(self.folder.root, self.cfg, self.data, self.device, self.profile_all(results),
@@ -103,8 +111,10 @@ class Study:
                                cache=cache, teacher_taps=self.teacher_taps)
 
     def check(self):
-        """Every model and method of the study (each stage, each seed, the teacher if it is to be trained) runs
-        one real training step on a few validation images, on the training device, before any long work."""
+        """Before any long work: the files (see check_files), then every model and method of the study (each stage,
+        each seed, the teacher if it is to be trained) runs one real training step on a few validation images, on
+        the training device."""
+        self.check_files()
         tcfg = self.cfg.teacher
         to_train = not Path(tcfg.checkpoint).exists()
         if to_train:
@@ -115,6 +125,21 @@ class Study:
                 dry_step(self.new_distiller(stage, seed), self.sample, self.device, self.cfg.train, f"stages[{i}]")
         info(f"[check] one training step on {self.device} passed for {'the teacher and ' if to_train else ''}"
              f"{len(self.cfg.stages)} stage(s) x {len(self.cfg.student_seeds)} seed(s)")
+
+    def check_files(self):
+        """The folders this run writes in are writable, a teacher checkpoint already there is intact and made for
+        this study (it is loaded now), and a teacher cache still to build fits on its disk."""
+        writable_folder(self.folder.root, "output_dir")
+        path = Path(self.cfg.teacher.checkpoint)
+        if path.exists():
+            if not path.is_file():
+                raise ConfigError("teacher.checkpoint", f"{path} is not a file")
+            self.load_teacher()
+        else:
+            writable_folder(path.parent, "teacher.checkpoint")
+        if any(self.replays(stage) for stage in self.cfg.stages):
+            writable_folder(self.cfg.cache.dir, "cache.dir")
+            TeacherCache.ensure_room(*self.cache_plan()[1:])
 
     def data_identity(self, scope="results"):
         """What the models learn from (and, in scope "results", are tested on): the data settings of `scope`, the
@@ -128,9 +153,9 @@ class Study:
                           "seed": self.cfg.seed})
 
     def obtain_teacher(self):
-        """Load the configured teacher checkpoint, or train the teacher and save it there for later studies. A
-        checkpoint records the identity that made it; one made under another config is refused."""
-        tcfg, path, identity = self.cfg.teacher, Path(self.cfg.teacher.checkpoint), self.teacher_identity()
+        """Load the configured teacher checkpoint, or train the teacher and save it there for later studies; then
+        its test accuracy, measured once per checkpoint and data."""
+        tcfg, path = self.cfg.teacher, Path(self.cfg.teacher.checkpoint)
         if not path.exists():
             if tcfg.weights:
                 fresh = load_weights(self.teacher, tcfg.name, tcfg.weights, "teacher.weights")
@@ -139,6 +164,7 @@ class Study:
                     raise ConfigError("teacher.train.epochs", f"0 leaves tensors that {tcfg.weights} does not fit "
                                       f"untrained ({', '.join(fresh)}): the students would learn from an untrained "
                                       "classifier; set teacher.train.epochs to fine-tune them")
+            identity = self.teacher_identity()
             trained = self.fit("teacher", Distiller(self.teacher, label_smoothing=tcfg.train.label_smoothing),
                                tcfg.train, fingerprint(identity), self.cfg.seed)
             if self.main:
@@ -147,16 +173,28 @@ class Study:
                 (self.folder.model("teacher") / LAST).unlink(missing_ok=True)  # later runs use the checkpoint
                 info(f"[teacher] saved {path}")
             barrier()
+        if self.teacher_digest is None:
+            self.load_teacher()
+        key = fingerprint(self.data_identity(), self.teacher_digest)
+        done = self.folder.result("teacher")
+        return done if done and done.fingerprint == key else \
+            self.finish("teacher", self.teacher, key, str(path), self.teacher_train)
+
+    def load_teacher(self):
+        """Load the checkpoint into the teacher: its digest checked (one made elsewhere may have none), its
+        provenance compared with this config's teacher; the teacher is then identified by its weights."""
+        tcfg, path = self.cfg.teacher, Path(self.cfg.teacher.checkpoint)
         info(f"[teacher] loading {path}")
+        ckpt = load(path, "delete it to train the teacher again, or point teacher.checkpoint elsewhere",
+                    unsigned_ok=True)
         try:
-            ckpt = load_model_file(self.teacher, path)
-        except (RuntimeError, KeyError, OSError, pickle.UnpicklingError) as e:
+            self.teacher.load_state_dict(ckpt["model"])
+        except (RuntimeError, KeyError, TypeError, AttributeError) as e:
             raise ConfigError("teacher.checkpoint", f"{path} does not hold a '{tcfg.name}' for this data "
-                              f"({str(e).splitlines()[0]}); point it elsewhere or delete it to retrain") from None
-        self.teacher_note = self.check_provenance(ckpt.get("identity"), identity, path)
-        key = fingerprint(self.data_identity(), file_digest(path))
-        return self.folder.reuse("teacher", key, stale_ok=True) or self.finish(
-            "teacher", self.teacher, key, str(path), ckpt.get("train", {}))
+                              f"({(str(e).splitlines() or [type(e).__name__])[0]}); point it elsewhere or delete it "
+                              "to retrain") from None
+        self.teacher_note = self.check_provenance(ckpt.get("identity"), self.teacher_identity(), path)
+        self.teacher_digest, self.teacher_train = content_digest(ckpt["model"]), ckpt.get("train", {})
 
     def check_provenance(self, recorded, identity, path):
         """None when the checkpoint was made under this config; what differs when teacher.accept_checkpoint takes
@@ -172,41 +210,54 @@ class Study:
         info(f"[teacher] using {path} although it {what}, as teacher.accept_checkpoint says")
         return what
 
-    def train_student(self, stage, seed):
-        """Reuse the stage's result for this seed if it finished under this config, else train it."""
+    def replays(self, stage):
+        """Whether `stage` distills from the teacher cache rather than from the live teacher."""
         mode = self.cfg.cache.mode
-        replay = stage.uses_teacher and mode != "off" and (mode == "logits+features" or not stage.features)
+        return stage.uses_teacher and mode != "off" and (mode == "logits+features" or not stage.features)
+
+    def student_job(self, stage, seed):
+        """What makes a stage's student for one seed, and its Result if it finished under exactly that."""
         identity = canonical({
             "data": self.data_identity(), "student": to_dict(self.cfg.student, "results"),
             "train": to_dict(self.cfg.train, "results"), "stage": to_dict(stage, "results"),
             "seed": self.cfg.seed, "student_seed": seed,
-            "teacher": file_digest(self.cfg.teacher.checkpoint) if stage.uses_teacher else None,
-            "cache": to_dict(self.cfg.cache, "results") if replay else None})
+            "teacher": self.teacher_digest if stage.uses_teacher else None,
+            "cache": to_dict(self.cfg.cache, "results") if self.replays(stage) else None})
         key, name = fingerprint(identity), stage.name if self.cfg.seeds is None else f"{stage.name}/seed{seed}"
-        done = self.folder.reuse(name, key, identity)
-        if done:
-            info(f"[{name}] finished earlier; reusing {self.folder.model(name) / 'result.json'}")
-            return done
-        distiller = self.new_distiller(stage, seed, self.teacher_cache() if replay else None)
-        trained = self.fit(name, distiller, self.cfg.train, key, seed, views=self.cfg.cache.views if replay else None)
-        return self.finish(name, distiller.student, key, str(self.folder.best(name)), trained, identity)
+        return Job(stage, seed, name, identity, key, self.folder.reuse(name, key, identity))
+
+    def train_student(self, job):
+        """The job's stored Result, or its student trained now."""
+        if job.done:
+            info(f"[{job.name}] finished earlier; reusing {self.folder.model(job.name) / 'result.json'}")
+            return job.done
+        replay = self.replays(job.stage)
+        distiller = self.new_distiller(job.stage, job.seed, self.teacher_cache() if replay else None)
+        trained = self.fit(job.name, distiller, self.cfg.train, job.key, job.seed,
+                           views=self.cfg.cache.views if replay else None)
+        return self.finish(job.name, distiller.student, job.key, f"{job.name}/{BEST}", trained, job.identity)
+
+    def cache_plan(self, mode=None):
+        """The teacher cache's settings (`mode` overrides cache.mode, for bench.py), folder and plan: it holds the
+        teacher layers of every stage's feature pairs, so all students of the study share it."""
+        c = dataclasses.replace(self.cfg.cache, mode=mode or self.cfg.cache.mode)
+        layers = self.teacher_taps.keys if c.mode == "logits+features" else []
+        with torch.no_grad():
+            self.teacher.eval()(self.sample[0].to(self.device))
+        shapes = {k: tuple(v.shape[1:]) for k, v in self.teacher_taps.take().items() if k in layers}
+        # the students' batch size changes their training, not the images the teacher sees
+        data = {k: v for k, v in self.data_identity("training").items() if k != "batch_size"}
+        identity = {"data": data, "teacher": self.teacher_digest, "seed": self.cfg.seed,
+                    "amp": resolve_amp(self.cfg.train.amp, self.device)}
+        return c, *TeacherCache.locate(c, identity, shapes, len(self.data.train), self.data.num_classes)
 
     def teacher_cache(self, mode=None):
-        """Built (or found on disk) once, at the first stage that replays it; holds the teacher layers of every
-        stage's feature pairs, so all students of the study share it. `mode` overrides cache.mode (bench.py)."""
+        """Built (or found on disk and verified) once, at the first stage that replays it."""
         if self._cache is None:
-            c = dataclasses.replace(self.cfg.cache, mode=mode or self.cfg.cache.mode)
-            layers = self.teacher_taps.keys if c.mode == "logits+features" else []
-            with torch.no_grad():
-                self.teacher.eval()(self.sample[0].to(self.device))
-            shapes = {k: tuple(v.shape[1:]) for k, v in self.teacher_taps.take().items() if k in layers}
-            # the students' batch size changes their training, not the images the teacher sees
-            data = {k: v for k, v in self.data_identity("training").items() if k != "batch_size"}
-            identity = {"data": data, "teacher": file_digest(self.cfg.teacher.checkpoint), "seed": self.cfg.seed,
-                        "amp": resolve_amp(self.cfg.train.amp, self.device)}
+            c, folder, plan = self.cache_plan(mode)
             loader = train_loader(self.data, self.cfg.data, self.device, self.cfg.seed, views=c.views, shuffle=False,
                                   batch_size=c.batch_size)
-            self._cache = TeacherCache.open_or_build(c, identity, shapes, self.teacher, self.teacher_taps, loader,
+            self._cache = TeacherCache.open_or_build(folder, plan, self.teacher, self.teacher_taps, loader,
                                                      self.data.num_classes, self.device, self.cfg.train.amp)
         return self._cache
 
@@ -224,7 +275,7 @@ class Study:
                               "or delete that folder to start over")
             trainer.resume()
         best = trainer.fit()
-        load_model_file(distiller.student, self.folder.best(name))
+        distiller.student.load_state_dict(self.folder.load_best(name, key)["model"])
         mean = lambda key: statistics.fmean(r[key] for r in trainer.history) if trainer.history else None
         methods = [m for m in (distiller.features, distiller.logit) if m is not None]
         return {"best_epoch": best["epoch"], "epochs": train_cfg.epochs,
@@ -249,10 +300,17 @@ class Study:
         memory_format = torch.channels_last if self.cfg.train.channels_last else torch.preserve_format
         rows = {}
         for name, summary in results.items():
-            # Fresh, hook-free models loaded from the saved files (a stage's first seed): what a user would deploy.
+            # Fresh, hook-free models with the weights a user would deploy: the teacher's checkpoint (loaded and
+            # checked at the start), a stage's first seed's best.pt (checked again now).
             model = self.new_model(self.cfg.teacher if name == "teacher" else self.cfg.student, name)
-            load_model_file(model, summary["checkpoint"])
+            if name == "teacher":
+                path = Path(self.cfg.teacher.checkpoint)
+                model.load_state_dict(self.teacher.state_dict())
+            else:
+                path = self.folder.root / summary["checkpoint"]
+                model.load_state_dict(self.folder.load_best(Path(summary["checkpoint"]).parent.as_posix(),
+                                                            summary["fingerprint"])["model"])
             info(f"[{name}] measuring inference cost on {self.device}")
             cost = profile(model, self.image_shape, self.device, self.cfg.eval, memory_format)
-            rows[name] = {**summary, **cost, "checkpoint_bytes": os.path.getsize(summary["checkpoint"])}
+            rows[name] = {**summary, **cost, "checkpoint_bytes": os.path.getsize(path)}
         return rows

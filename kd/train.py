@@ -14,7 +14,7 @@ from .device import autocast, barrier, is_main
 from .errors import KDError
 from .evaluate import accuracy
 from .log import Progress, info
-from .store import BEST, LAST, METRICS, atomic, save
+from .store import BEST, LAST, METRICS, atomic, load, save
 
 SYNC_EVERY = 50
 
@@ -101,7 +101,7 @@ class Trainer:
                 "rng": rng_state(self.generator)}
 
     def resume(self):
-        ckpt = torch.load(self.last_path, map_location="cpu", weights_only=False)
+        ckpt = load(self.last_path, f"delete {self.out_dir} to train {self.name} from its start", weights_only=False)
         if ckpt["fingerprint"] != self.fingerprint:
             raise KDError(f"{self.last_path}: this unfinished stage was started with a different config; "
                           "delete it or restore the config to resume")

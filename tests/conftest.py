@@ -10,6 +10,15 @@ sys.path.insert(0, str(ROOT))
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
+def one_error_line(capsys, cfg, *args):
+    """run.main exits 2 with exactly one 'error:' line on stderr and no traceback; returns that line."""
+    import run
+    assert run.main(["--config", str(cfg), "--device", "cpu", *args]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    return err.strip()
+
+
 @pytest.fixture
 def fashion_files(tmp_path, monkeypatch):
     """Random images in Fashion-MNIST's file format under tmp_path/data, Debian's copy hidden: a small in-memory

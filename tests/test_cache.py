@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-import kd.cache
+import kd.store
 import run
 from kd.config import Config, from_dict
 from kd.data import train_loader
@@ -174,7 +174,7 @@ def test_truncated_or_incomplete_cache_is_detected_and_rebuilt(make_study, capsy
 
 def test_cache_that_would_not_fit_is_refused(make_study, monkeypatch):
     usage = shutil.disk_usage("/")
-    monkeypatch.setattr(kd.cache.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    monkeypatch.setattr(kd.store.shutil, "disk_usage", lambda path: usage._replace(free=1000))
     with pytest.raises(KDError, match="cache.dir: the teacher cache needs .* GiB free"):
         make_study().teacher_cache()
 

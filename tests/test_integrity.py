@@ -1,0 +1,297 @@
+"""Nothing damaged is ever used, and the file system never ends in a traceback: every file the run reads back
+carries a digest checked when read, identities are digests of content, and file-system problems are one line,
+found before the long work where they can be."""
+import contextlib
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import kd.store
+import run
+
+from conftest import ROOT, one_error_line
+from test_cache import cache_folder, make_config, make_study  # noqa: F401 (fixtures)
+
+
+def flip(path):
+    """64 bytes inverted in the middle: the file keeps its size and, most often, its format."""
+    b = bytearray(path.read_bytes())
+    mid = len(b) // 2
+    b[mid:mid + 64] = bytes(x ^ 0xFF for x in b[mid:mid + 64])
+    path.write_bytes(bytes(b))
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def garble(path):
+    path.write_bytes(np.random.default_rng(0).bytes(path.stat().st_size))
+
+
+DAMAGE = {"flipped": flip, "truncated": truncate, "garbled": garble}
+
+
+def smoke(**changes):
+    """configs/smoke.yaml with paths relative to the current folder and `changes` merged into its sections."""
+    raw = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    raw.update(output_dir="runs", stages=[{"name": "baseline"}, {"name": "kd", "logit": {"name": "kd"}}])
+    raw["teacher"]["checkpoint"] = "teacher.pt"
+    for key, value in changes.items():
+        raw[key] = {**raw[key], **value} if isinstance(value, dict) and isinstance(raw.get(key), dict) else value
+    return raw
+
+
+def write(raw, path="study.yaml"):
+    Path(path).write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished smoke study (teacher, baseline, kd) that each test copies and damages."""
+    base = tmp_path_factory.mktemp("finished")
+    with contextlib.chdir(base):
+        assert run.main(["--config", write(smoke()), "--device", "cpu"]) == 0
+    return base
+
+
+@pytest.fixture
+def study(finished, tmp_path, monkeypatch):
+    """A copy of the finished study, as the current folder."""
+    folder = tmp_path / "study"
+    shutil.copytree(finished, folder)
+    monkeypatch.chdir(folder)
+    return folder
+
+
+def state_of(folder):
+    """Every file's bytes but the one damaged: nothing may be lost or rewritten when a run refuses."""
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+CHECKPOINTS = [  # (file, result.json to remove first so that the file is read on --resume)
+    ("teacher.pt", None),
+    ("runs/smoke/baseline/best.pt", None),
+    ("runs/smoke/kd/best.pt", "runs/smoke/kd/result.json"),  # re-measured from best.pt when its result is lost
+    ("runs/smoke/kd/last.pt", "runs/smoke/kd/result.json"),  # what --resume continues from
+]
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+@pytest.mark.parametrize("file, unfinish", CHECKPOINTS, ids=[c[0].split("/", 2)[-1] for c in CHECKPOINTS])
+def test_a_damaged_checkpoint_is_refused_in_one_line(study, file, unfinish, damage, capsys):
+    if unfinish:
+        Path(unfinish).unlink()
+    DAMAGE[damage](Path(file))
+    before = state_of(study)
+    err = one_error_line(capsys, "study.yaml", "--resume")
+    assert f"{file} is damaged" in err and "delete" in err, err
+    assert state_of(study) == before
+
+
+@pytest.mark.parametrize("edit", ["flipped", "truncated", "garbled", "number", "fields"])
+@pytest.mark.parametrize("model", ["teacher", "baseline"])
+def test_a_damaged_result_is_refused_in_one_line(study, model, edit, capsys):
+    path = Path(f"runs/smoke/{model}/result.json")
+    if edit in DAMAGE:
+        DAMAGE[edit](path)
+    else:  # valid JSON, but not what the run wrote
+        result = json.loads(path.read_text())
+        if edit == "number":
+            result["test_top1"] = 0.99
+        else:
+            result = {"fingerprint": result["fingerprint"], "digest": kd.store.fingerprint({"fingerprint": result["fingerprint"]})}
+        path.write_text(json.dumps(result))
+    before = state_of(study)
+    err = one_error_line(capsys, "study.yaml")
+    assert f"{path} is damaged" in err and f"delete runs/smoke/{model}" in err, err
+    assert state_of(study) == before
+
+
+def test_a_best_pt_swapped_for_another_models_is_refused(study, capsys):
+    shutil.copy("runs/smoke/kd/best.pt", "runs/smoke/baseline/best.pt")
+    err = one_error_line(capsys, "study.yaml")
+    assert "runs/smoke/baseline/best.pt is not the one its result.json describes" in err
+
+
+def test_a_moved_run_folder_is_reused_whole(study, capsys):
+    shutil.move("runs", "moved")
+    capsys.readouterr()
+    assert run.main(["--config", "study.yaml", "--device", "cpu", "--set", "output_dir=moved"]) == 0
+    out = capsys.readouterr().out
+    assert "[baseline] finished earlier" in out and "[kd] finished earlier" in out and "epoch 1/" not in out
+    report = json.loads(Path("moved/smoke/report.json").read_text())["models"]
+    assert report["kd"]["checkpoint"] == "kd/best.pt"
+
+
+def test_an_identically_retrained_teacher_keeps_every_result(study, capsys):
+    """The teacher is identified by its weights, not by its file's bytes (which hold its training timings)."""
+    ckpt = kd.store.load("teacher.pt", "")
+    ckpt["train"] = {**ckpt["train"], "epoch_seconds": 1e9}
+    kd.store.save(ckpt, "teacher.pt")
+    capsys.readouterr()
+    assert run.main(["--config", "study.yaml", "--device", "cpu"]) == 0
+    assert "[kd] finished earlier" in capsys.readouterr().out
+
+
+# --- the file system -------------------------------------------------------------------------------------------------
+
+def blocker(path):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("a file where a folder should be")
+
+
+FOLDERS = {  # a config key, the change that points it at a file, the file
+    "output_dir": ({}, "runs"),
+    "teacher.checkpoint": ({"teacher": {"checkpoint": "taken/teacher.pt"}}, "taken"),
+    "data.root": ({"data": {"root": "data"}}, "data"),
+}
+
+
+@pytest.mark.parametrize("key", FOLDERS)
+def test_a_file_where_a_folder_should_be_stops_the_run_before_any_training(key, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    changes, file = FOLDERS[key]
+    blocker(file)
+    err = one_error_line(capsys, write(smoke(**changes)))
+    assert f"{key}: {file}" in err, err
+    assert not Path("teacher.pt").exists() and not Path("taken/teacher.pt").exists()
+
+
+def test_a_teacher_checkpoint_that_is_a_folder_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    Path("teacher.pt").mkdir()
+    assert "teacher.checkpoint: teacher.pt is not a file" in one_error_line(capsys, write(smoke()))
+
+
+@pytest.mark.parametrize("target", ["last.pt", "teacher.pt", "result.json"])
+def test_a_full_disk_mid_save_is_one_line_and_leaves_no_temporary_file(target, tmp_path, monkeypatch, capsys):
+    """The first write of each kind fails: the teacher's epoch state, its checkpoint once trained, its result once
+    measured. One line names the file; once the teacher is trained, --resume finishes without training it again."""
+    monkeypatch.chdir(tmp_path)
+    write_bytes, write_text = Path.write_bytes, Path.write_text
+
+    def full(write):
+        def refuse(self, data, *args, **kwargs):
+            if self.name == f"{target}.tmp":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return write(self, data, *args, **kwargs)
+        return refuse
+    monkeypatch.setattr(Path, "write_bytes", full(write_bytes))
+    monkeypatch.setattr(Path, "write_text", full(write_text))
+    err = one_error_line(capsys, write(smoke(stages=[{"name": "baseline"}])))
+    assert f"{target}: cannot write it (No space left on device)" in err, err
+    assert not list(tmp_path.rglob("*.tmp"))
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    monkeypatch.setattr(Path, "write_text", write_text)
+    assert run.main(["--config", "study.yaml", "--device", "cpu", "--resume"]) == 0
+    assert ("[teacher] epoch 1/1" in capsys.readouterr().out) == (target == "last.pt")
+
+
+# --- the teacher cache -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("array, damage", [("logits", "flipped"), ("logits", "zeroed"), ("feature.stages.1", "garbled"),
+                                           ("logits", "header")])
+def test_a_damaged_cache_array_is_rebuilt_to_the_same_bytes(make_study, array, damage, capsys):
+    folder = cache_folder(make_study())
+    path = folder / f"{array}.npy"
+    pristine = path.read_bytes()
+    b = bytearray(pristine)
+    if damage == "flipped":
+        b[len(b) // 2] ^= 0xFF
+        b[len(b) // 2 + 1] ^= 0xFF
+    elif damage == "zeroed":
+        n = min(4096, len(b) - 128)  # past the header
+        b[-n:] = bytes(n)
+    elif damage == "header":
+        b[:16] = b"garbage-garbage!"
+    else:
+        b = bytearray(np.random.default_rng(0).bytes(len(b)))
+    path.write_bytes(bytes(b))
+    capsys.readouterr()
+    assert cache_folder(make_study()) == folder
+    assert f"{path} does not match its digest (damaged); rebuilding" in capsys.readouterr().out
+    assert path.read_bytes() == pristine
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_cache_manifest_is_rebuilt(make_study, damage, capsys):
+    folder = cache_folder(make_study())
+    DAMAGE[damage](folder / "manifest.json")
+    capsys.readouterr()
+    cache_folder(make_study())
+    out = capsys.readouterr().out
+    assert ("is damaged; rebuilding" in out or "incomplete" in out) and "[cache] building" in out
+    assert json.loads((folder / "manifest.json").read_text())["arrays"]
+
+
+def test_a_cache_that_would_not_fit_stops_the_run_before_the_teacher_trains(make_config, tmp_path, monkeypatch, capsys):
+    usage = shutil.disk_usage("/")
+    monkeypatch.setattr(kd.store.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(make_config()))
+    err = one_error_line(capsys, path)
+    assert "cache.dir: the teacher cache needs" in err
+    assert not (tmp_path / "teacher.pt").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_cache_dir_that_is_a_file_stops_the_run_before_the_teacher_trains(make_config, tmp_path, capsys):
+    (tmp_path / "cache").write_text("")
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(make_config()))
+    assert f"cache.dir: {tmp_path / 'cache'} cannot be a folder" in one_error_line(capsys, path)
+    assert not (tmp_path / "teacher.pt").exists()
+
+
+def test_an_identically_retrained_teacher_reuses_the_cache(make_study, tmp_path, capsys):
+    folder = cache_folder(make_study())
+    ckpt = kd.store.load(tmp_path / "teacher.pt", "")
+    kd.store.save({**ckpt, "train": {**ckpt["train"], "epoch_seconds": 1e9}}, tmp_path / "teacher.pt")
+    capsys.readouterr()
+    assert cache_folder(make_study()) == folder
+    assert "[cache] reusing" in capsys.readouterr().out
+
+
+# --- kill -9 ---------------------------------------------------------------------------------------------------------
+
+def test_kill_9_mid_training_resumes_to_the_uninterrupted_result(tmp_path):
+    """A real SIGKILL (no handler runs) in the middle of a stage; --resume then ends bit-identical to a run that was
+    never interrupted."""
+    def config(name):
+        raw = smoke(name=name, data={"train_subset": 896, "val_size": 64}, train={"epochs": 4},
+                    stages=[{"name": "kd", "logit": {"name": "kd"}}])
+        return write(raw, tmp_path / f"{name}.yaml")
+
+    def cli(name, *args):
+        return [sys.executable, str(ROOT / "run.py"), "--config", str(config(name)), "--device", "cpu", *args]
+    done = subprocess.run(cli("full"), capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr
+    last = tmp_path / "runs" / "killed" / "kd" / "last.pt"
+    proc = subprocess.Popen(cli("killed"), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not last.exists() and proc.poll() is None:
+        time.sleep(0.005)
+    time.sleep(0.2)  # well into the second epoch
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (last.parent / "result.json").exists()  # killed mid-stage, not after it
+    resumed = subprocess.run(cli("killed", "--resume"), capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    for name in ("best.pt", "last.pt"):
+        a = kd.store.load(tmp_path / "runs" / "full" / "kd" / name, "", weights_only=False)
+        b = kd.store.load(last.parent / name, "", weights_only=False)
+        a, b = a.get("learnable", a.get("model")), b.get("learnable", b.get("model"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    reports = [json.loads((tmp_path / "runs" / n / "report.json").read_text())["models"]["kd"] for n in ("full", "killed")]
+    assert reports[0]["test_top1"] == reports[1]["test_top1"]
