@@ -83,7 +83,7 @@ def differences(old, new, most=4):
     """What changed from identity `old` to `new`, as 'key: old -> new' phrases (the first `most` of them)."""
     a, b = flatten(old), flatten(new)
     changed = [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in sorted(a.keys() | b.keys())
-               if a.get(k) != b.get(k)]
+               if k not in a or k not in b or a[k] != b[k]]
     return changed[:most] + ([f"and {len(changed) - most} more"] if len(changed) > most else [])
 
 
@@ -136,7 +136,7 @@ def load(path, remedy, weights_only=True, unsigned_ok=False):
         raise damaged(path, f"holds a {type(obj).__name__}, not a checkpoint", remedy)
     digest = obj.pop("digest", None)
     if digest is None and not unsigned_ok:
-        raise damaged(path, "it carries no digest", remedy)
+        raise damaged(path, "it carries no digest: written by another tool or an earlier version", remedy)
     if digest is not None and digest != content_digest(obj):
         raise damaged(path, "its content does not match its digest", remedy)
     return obj
@@ -150,9 +150,11 @@ def write_json(path, obj):
 def read_json(path, remedy):
     try:
         obj = json.loads(Path(path).read_bytes())
-        digest = obj.pop("digest")
-    except (ValueError, AttributeError, KeyError, TypeError, OSError) as e:
+        digest = obj.pop("digest", None)
+    except (ValueError, AttributeError, TypeError, OSError) as e:
         raise damaged(path, f"not the JSON this run wrote: {type(e).__name__}", remedy) from None
+    if digest is None:
+        raise damaged(path, "it carries no digest: written by another tool or an earlier version", remedy)
     if digest != fingerprint(obj):
         raise damaged(path, "its content does not match its digest", remedy)
     return obj

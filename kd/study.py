@@ -2,6 +2,7 @@
 import dataclasses
 import os
 import statistics
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -9,7 +10,7 @@ import torch
 import yaml
 
 from .cache import TeacherCache
-from .config import to_dict, validate_runtime
+from .config import StageConfig, to_dict, validate_runtime
 from .data import build_data, eval_loaders, sample_batch, train_loader
 from .device import barrier, resolve_amp, setup
 from .distiller import Distiller, Taps, feature_layers
@@ -50,7 +51,7 @@ def over_seeds(results, seeds):
 
 class Job(NamedTuple):
     """One student to train or reuse: a stage for one seed, its folder name, what makes it and its stored Result."""
-    stage: object
+    stage: StageConfig
     seed: int
     name: str
     identity: dict
@@ -183,10 +184,11 @@ class Study:
     def load_teacher(self):
         """Load the checkpoint into the teacher: its digest checked (one made elsewhere may have none), its
         provenance compared with this config's teacher; the teacher is then identified by its weights."""
-        tcfg, path = self.cfg.teacher, Path(self.cfg.teacher.checkpoint)
-        info(f"[teacher] loading {path}")
+        tcfg, path, start = self.cfg.teacher, Path(self.cfg.teacher.checkpoint), time.perf_counter()
         ckpt = load(path, "delete it to train the teacher again, or point teacher.checkpoint elsewhere",
                     unsigned_ok=True)
+        info(f"[teacher] loaded {path} ({path.stat().st_size / 2**20:.1f} MiB, its digest checked where it has one) "
+             f"in {time.perf_counter() - start:.2f} s")
         try:
             self.teacher.load_state_dict(ckpt["model"])
         except (RuntimeError, KeyError, TypeError, AttributeError) as e:

@@ -270,28 +270,33 @@ def test_kill_9_mid_training_resumes_to_the_uninterrupted_result(tmp_path):
     """A real SIGKILL (no handler runs) in the middle of a stage; --resume then ends bit-identical to a run that was
     never interrupted."""
     def config(name):
-        raw = smoke(name=name, data={"train_subset": 896, "val_size": 64}, train={"epochs": 4},
-                    stages=[{"name": "kd", "logit": {"name": "kd"}}])
+        raw = smoke(name=name, data={"train_subset": 512}, train={"epochs": 3}, stages=[{"name": "baseline"}],
+                    teacher={"name": "cnn", "kwargs": {"channels": [8, 16, 32], "blocks": 1}})
         return write(raw, tmp_path / f"{name}.yaml")
 
     def cli(name, *args):
         return [sys.executable, str(ROOT / "run.py"), "--config", str(config(name)), "--device", "cpu", *args]
     done = subprocess.run(cli("full"), capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr
-    last = tmp_path / "runs" / "killed" / "kd" / "last.pt"
+    last = tmp_path / "runs" / "killed" / "baseline" / "last.pt"
     proc = subprocess.Popen(cli("killed"), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while not last.exists() and proc.poll() is None:
         time.sleep(0.005)
-    time.sleep(0.2)  # well into the second epoch
+    time.sleep(0.1)  # into the second epoch
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert not (last.parent / "result.json").exists()  # killed mid-stage, not after it
     resumed = subprocess.run(cli("killed", "--resume"), capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     for name in ("best.pt", "last.pt"):
-        a = kd.store.load(tmp_path / "runs" / "full" / "kd" / name, "", weights_only=False)
+        a = kd.store.load(tmp_path / "runs" / "full" / "baseline" / name, "", weights_only=False)
         b = kd.store.load(last.parent / name, "", weights_only=False)
         a, b = a.get("learnable", a.get("model")), b.get("learnable", b.get("model"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    reports = [json.loads((tmp_path / "runs" / n / "report.json").read_text())["models"]["kd"] for n in ("full", "killed")]
+    reports = [json.loads((tmp_path / "runs" / n / "report.json").read_text())["models"]["baseline"] for n in ("full", "killed")]
     assert reports[0]["test_top1"] == reports[1]["test_top1"]
+
+
+def test_differences_name_a_key_that_one_identity_lacks():
+    """A field added to the config (unset in an identity recorded before it existed) is named, not hidden."""
+    assert kd.store.differences({"a": 1}, {"a": 1, "b": None}) == ["b: '(unset)' -> None"]
