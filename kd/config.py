@@ -85,6 +85,8 @@ class DataConfig:
     # used is part of identity (Study.data_identity), not this request.
     pipeline: str = _setting("auto")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    mean: list[float] | None = None  # per-channel normalisation; None: the dataset's own (folders: its training images')
+    std: list[float] | None = None
 
     def validate(self, key):
         _check(self.image_size >= 8, f"{key}.image_size", "must be >= 8", self.image_size)
@@ -96,6 +98,7 @@ class DataConfig:
         _check(self.eval_batch_size >= 1, f"{key}.eval_batch_size", "must be >= 1", self.eval_batch_size)
         _check(self.num_workers >= 0, f"{key}.num_workers", "must be >= 0", self.num_workers)
         _choice(self.pipeline, ("auto", "tensor", "loader"), f"{key}.pipeline")
+        _check(self.std is None or min(self.std) > 0, f"{key}.std", "must be > 0", self.std)
         self.augment.validate(f"{key}.augment")
 
 

@@ -10,6 +10,7 @@ import torchvision
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import transforms as T
 
+from . import folders
 from .errors import ConfigError
 from .registry import Registry
 from .tensor_data import Batch, TensorLoader, from_subset
@@ -60,6 +61,16 @@ def small_image_transforms(cfg, size, mean, std):
     return T.Compose(aug + plain), T.Compose(plain)
 
 
+def normalisation(cfg, channels, default):
+    """data.mean/data.std where given (one value per channel), else the dataset's `default()` (mean, std)."""
+    stats = default() if not (cfg.mean and cfg.std) else None
+    mean, std = tuple(cfg.mean or stats[0]), tuple(cfg.std or stats[1])
+    for key, values in (("data.mean", mean), ("data.std", std)):
+        if len(values) != channels:
+            raise ConfigError(key, f"{list(values)} has {len(values)} values for images of {channels} channel(s)")
+    return mean, std
+
+
 def _missing(name, root, expected, error):
     error = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return ConfigError("data.root", f"{name} not found in {root} and not downloadable here ({error}); "
@@ -68,16 +79,42 @@ def _missing(name, root, expected, error):
 
 @DATASETS.register("cifar10")
 def cifar10(cfg):
-    """CIFAR-10, 32x32 colour, 10 classes: torchvision's python batches under data.root (downloaded if allowed)."""
-    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    """CIFAR-10, 32x32 colour, 10 classes: torchvision's python batches under data.root (downloaded if allowed),
+    or class folders of its images (train/<class>/, test/<class>/, or a .tar.gz of them; see kd/folders.py)."""
+    mean, std = normalisation(cfg, 3, lambda: ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)))
     train_tf, eval_tf = small_image_transforms(cfg, 32, mean, std)
+    if not (Path(cfg.root) / "cifar-10-batches-py").exists() and (found := folders.splits(cfg.root, train_tf, eval_tf)):
+        train, plain, test, classes = found
+        if len(classes) != 10 or train.data.shape[1:] != (32, 32, 3):
+            raise ConfigError("data.root", f"{cfg.root} holds {len(classes)} classes of {train.data.shape[1:]} images, "
+                              "not CIFAR-10's 10 of 32x32x3; use dataset: folders for other image folders")
+        return Splits(train, plain, test, 10, 3, 32, mean, std)
     try:
         train, test = (torchvision.datasets.CIFAR10(cfg.root, train=t, transform=tf, download=cfg.download)
                        for t, tf in ((True, train_tf), (False, eval_tf)))
     except (RuntimeError, OSError) as e:
-        raise _missing("CIFAR-10", cfg.root, "the extracted python batches (cifar-10-batches-py/)", e) from None
+        raise _missing("CIFAR-10", cfg.root, "the extracted python batches (cifar-10-batches-py/), or class folders "
+                       "train/<class>/ and test/<class>/ (or one .tar.gz of them)", e) from None
     plain = torchvision.datasets.CIFAR10(cfg.root, train=True, transform=eval_tf)
     return Splits(train, plain, test, 10, 3, 32, mean, std)
+
+
+@DATASETS.register("folders")
+def image_folders(cfg):
+    """Class folders of small images of one size (train/<class>/*, test/<class>/*, or one .tar/.tar.gz of them)
+    under data.root: decoded once (kept beside them), trained in memory with the small-image recipe (pad-crop,
+    flip) like CIFAR-10. Mean and std from the training images unless data.mean/data.std give them."""
+    identity = T.Compose([])
+    found = folders.splits(cfg.root, identity, identity)
+    if found is None:
+        raise ConfigError("data.root", f"no image folders in {cfg.root}; expected train/<class>/* and test/<class>/*, "
+                          "or one .tar/.tar.gz of them")
+    train, plain, test, classes = found
+    channels, size = (3 if train.data.ndim == 4 else 1), train.data.shape[1]
+    mean, std = normalisation(cfg, channels, lambda: folders.mean_std(train.data))
+    train.transform, eval_tf = small_image_transforms(cfg, size, mean, std)
+    plain.transform = test.transform = eval_tf
+    return Splits(train, plain, test, len(classes), channels, size, mean, std)
 
 
 def stage_debian_fashion_mnist(raw_folder):
@@ -95,7 +132,7 @@ def stage_debian_fashion_mnist(raw_folder):
 @DATASETS.register("fashion_mnist")
 def fashion_mnist(cfg):
     """Fashion-MNIST, 28x28 grey, 10 classes: torchvision's files, or Debian's dataset-fashion-mnist package."""
-    mean, std = (0.2860,), (0.3530,)
+    mean, std = normalisation(cfg, 1, lambda: ((0.2860,), (0.3530,)))
     train_tf, eval_tf = small_image_transforms(cfg, 28, mean, std)
     try:
         stage_debian_fashion_mnist(Path(cfg.root) / "FashionMNIST" / "raw")
@@ -111,7 +148,8 @@ def fashion_mnist(cfg):
 @DATASETS.register("imagenet")
 def imagenet(cfg):
     """ImageNet-style folders: root/train/<class>/*.jpg and root/val/<class>/*.jpg (val is the test split)."""
-    size, mean, std = cfg.image_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    size = cfg.image_size
+    mean, std = normalisation(cfg, 3, lambda: ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
     norm = T.Normalize(mean, std)
     train_tf = T.Compose([T.RandomResizedCrop(size)] + ([T.RandomHorizontalFlip()] if cfg.augment.hflip else [])
                          + [T.ToTensor(), norm])
@@ -132,7 +170,8 @@ def imagenet(cfg):
 @DATASETS.register("fake")
 def fake(cfg):
     """torchvision's FakeData (random images and labels): exercises the whole pipeline with no files at all."""
-    shape, mean, std = (3, cfg.image_size, cfg.image_size), (0.5,) * 3, (0.25,) * 3
+    shape = (3, cfg.image_size, cfg.image_size)
+    mean, std = normalisation(cfg, 3, lambda: ((0.5,) * 3, (0.25,) * 3))
     train_tf, eval_tf = small_image_transforms(cfg, cfg.image_size, mean, std)
     train, plain, test = (torchvision.datasets.FakeData(size, shape, 10, tf, random_offset=offset)
                           for size, tf, offset in ((1000, train_tf, 0), (1000, eval_tf, 0), (500, eval_tf, 10_000)))

@@ -264,7 +264,7 @@ STUDY_ERRORS = [
     pytest.param("student.kwargs.chanels=[8]", "student.kwargs.chanels: unknown key (did you mean 'channels'?",
                  id="model-kwargs"),
     pytest.param("data.dataset=cifar", "data.dataset: unknown dataset 'cifar' (did you mean 'cifar10'? choose from: "
-                 "cifar10, fake, fashion_mnist, imagenet)", id="dataset"),
+                 "cifar10, fake, fashion_mnist, folders, imagenet)", id="dataset"),
 ]
 
 

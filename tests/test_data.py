@@ -31,7 +31,7 @@ def labels(dataset):
 
 
 def test_all_loaders_are_registered():
-    assert DATASETS.names() == ["cifar10", "fake", "fashion_mnist", "imagenet"]
+    assert DATASETS.names() == ["cifar10", "fake", "fashion_mnist", "folders", "imagenet"]
 
 
 # --- CIFAR-10: cifar-10-batches-py/ with Python 2 pickles ------------------------------------------------------------

@@ -1,0 +1,162 @@
+"""Folder datasets of small images: decoded once and kept beside the data, served by the tensor pipeline like
+CIFAR-10; and real CIFAR-10 (../shared/data), where a student distilled from the shared GPU-trained teacher must
+beat one trained on labels alone."""
+import json
+import os
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+import kd.folders
+import run
+from kd.config import DataConfig
+from kd.data import build_data
+from kd.errors import ConfigError
+
+from conftest import ROOT, one_error_line
+
+CLASSES = ("cat", "dog", "emu")
+
+
+def write_folders(root, n_train=8, n_test=4, size=12, mode="RGB", fmt="png"):
+    """train/<class>/ and test/<class>/ of random images; returns {relative path: pixels}."""
+    rng, pixels = np.random.default_rng(0), {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        for cls in CLASSES:
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                shape = (size, size, 3) if mode == "RGB" else (size, size)
+                x = rng.integers(0, 256, shape, dtype=np.uint8)
+                Image.fromarray(x).save(root / split / cls / f"{i:03d}.{fmt}")
+                pixels[f"{split}/{cls}/{i:03d}.{fmt}"] = x
+    return pixels
+
+
+def data_cfg(root, **changes):
+    return DataConfig(**{"dataset": "folders", "root": str(root), "download": False, "val_size": 3, **changes})
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["folders", "tar.gz"])
+def test_folders_are_decoded_once_into_the_tensor_pipeline_with_their_labels(tmp_path, packed, monkeypatch):
+    source = tmp_path / "src"
+    pixels = write_folders(source)
+    root = tmp_path / "data"
+    if packed:
+        root.mkdir()
+        with tarfile.open(root / "images.tar.gz", "w:gz") as tar:
+            tar.add(source / "train", "train")
+            tar.add(source / "test", "test")
+    else:
+        shutil.copytree(source, root)
+    data = build_data(data_cfg(root))
+    assert data.pipeline == "tensor" and (data.num_classes, data.in_channels, data.image_size) == (3, 3, 12)
+    images, labels = data.tensors["test"]
+    assert len(images) == 12 and sorted(labels.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
+    arrays = kd.folders.load_decoded(root)
+    for image, label in zip(arrays["test_images"], arrays["test_labels"]):  # every image is the file's, labelled by its folder
+        match = [name for name, x in pixels.items() if name.startswith("test/") and np.array_equal(x, image)]
+        assert len(match) == 1 and match[0].split("/")[1] == CLASSES[label]
+    assert arrays["test_labels"][:3].tolist() != [0, 0, 0] or arrays["test_labels"][3:6].tolist() != [0, 0, 0]  # shuffled
+    mean = arrays["train_images"].reshape(-1, 3).mean(0) / 255
+    assert np.allclose(data.mean, mean)
+    decoded = list(root.glob("decoded-*.npz"))
+    assert len(decoded) == 1
+
+    def no_decoding(source):
+        raise AssertionError("decoded again")
+    monkeypatch.setattr(kd.folders, "decode", no_decoding)
+    assert build_data(data_cfg(root)).content == data.content  # the stored arrays, not a second decoding
+
+
+def test_changed_files_or_a_damaged_decoded_file_decode_again(tmp_path, capsys):
+    write_folders(tmp_path)
+    first = build_data(data_cfg(tmp_path)).content
+    stored = next(tmp_path.glob("decoded-*.npz"))
+    stored.write_bytes(stored.read_bytes()[:-100])
+    assert build_data(data_cfg(tmp_path)).content == first
+    assert "is damaged; decoding again" in capsys.readouterr().out
+    Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(tmp_path / "train" / "cat" / "000.png")
+    os.utime(tmp_path / "train" / "cat" / "000.png", ns=(1, 1))
+    assert build_data(data_cfg(tmp_path)).content != first
+    assert len(list(tmp_path.glob("decoded-*.npz"))) == 1  # the stale one is gone
+
+
+def test_grey_folders_and_given_normalisation(tmp_path):
+    write_folders(tmp_path, mode="L")
+    data = build_data(data_cfg(tmp_path, mean=[0.5], std=[0.25]))
+    assert data.in_channels == 1 and (data.mean, data.std) == ((0.5,), (0.25,))
+    with pytest.raises(ConfigError, match=r"data.mean: \[0.5, 0.5, 0.5\] has 3 values for images of 1 channel"):
+        build_data(data_cfg(tmp_path, mean=[0.5] * 3, std=[0.25] * 3))
+
+
+def test_images_of_another_size_are_one_line(tmp_path, capsys):
+    write_folders(tmp_path)
+    Image.fromarray(np.zeros((20, 16, 3), np.uint8)).save(tmp_path / "test" / "dog" / "big.png")
+    raw = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    raw.update(output_dir=str(tmp_path / "runs"), data={**raw["data"], "dataset": "folders", "root": str(tmp_path),
+                                                         "train_subset": None, "test_subset": None, "val_size": 3})
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(raw))
+    err = one_error_line(capsys, tmp_path / "study.yaml")
+    assert "data.root:" in err and "test/dog/big.png is 16x20 where the first image is 12x12" in err
+
+
+def test_cifar10_from_folders_needs_ten_classes_of_32_pixels(tmp_path):
+    write_folders(tmp_path)
+    with pytest.raises(ConfigError, match="holds 3 classes of .* not CIFAR-10's"):
+        build_data(DataConfig(dataset="cifar10", root=str(tmp_path), download=False, val_size=3))
+
+
+# --- real CIFAR-10 ---------------------------------------------------------------------------------------------------
+
+SHARED = ROOT.parent / "shared"
+ARCHIVE = SHARED / "data" / "cifar10-jpeg.tar.gz"
+TEACHER = SHARED / "device-runs" / "2026-11-26-h200" / "cifar10_resnet18_teacher_fp16.pt"
+real = pytest.mark.skipif(not (ARCHIVE.exists() and TEACHER.exists()),
+                          reason="real CIFAR-10 and its trained teacher are absent (../shared/data, ../shared/device-runs)")
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar10")
+    (root / ARCHIVE.name).symlink_to(ARCHIVE)
+    return root
+
+
+@real
+def test_real_cifar10_folders_decode_to_the_dataset(cifar_root):
+    data = build_data(DataConfig(dataset="cifar10", root=str(cifar_root), download=False, val_size=5000))
+    assert (len(data.train), len(data.val), len(data.test)) == (45000, 5000, 10000)
+    test_labels = data.tensors["test"][1]
+    assert test_labels.bincount().tolist() == [1000] * 10
+    assert test_labels[:1000].bincount(minlength=10).min() > 50  # any first N cover every class
+    assert data.tensors["train"][0].shape[1:] == (3, 32, 32)
+
+
+@real
+def test_real_cifar10_distillation_from_the_shared_teacher_beats_labels_alone(cifar_root, tmp_path):
+    """2,000 training images, 15 epochs, three seeds each: the student distilled from the GPU-trained teacher beats
+    the one trained on labels alone on average. Measured on the 2-core AMD EPYC: baseline 45.45 / 45.50 / 46.55,
+    KD 48.05 / 48.95 / 45.90 (test top-1 on 2,000 test images), a mean gain of 1.8 points; required: 0.5. A KD
+    term silently zero (`scale: 0`, leaving 0.1 x cross-entropy) scored 33.80 / 36.65 / 33.50 there."""
+    cfg = {
+        "name": "cifar_subset", "output_dir": str(tmp_path / "runs"), "seeds": [0, 1, 2], "device": "cpu",
+        "data": {"dataset": "cifar10", "root": str(cifar_root), "download": False, "val_size": 500,
+                 "train_subset": 2000, "test_subset": 2000, "batch_size": 64, "eval_batch_size": 500,
+                 "num_workers": 0, "augment": {"crop_padding": 0, "hflip": False}},
+        "teacher": {"name": "resnet18", "checkpoint": str(TEACHER), "accept_checkpoint": True},
+        "student": {"name": "cnn", "kwargs": {"channels": [16, 32, 64], "blocks": 1}},
+        "train": {"epochs": 15, "lr": 0.05, "warmup_epochs": 0},
+        "cache": {"mode": "logits", "views": 1, "dir": str(tmp_path / "cache")},
+        "stages": [{"name": "baseline"}, {"name": "kd", "logit": {"name": "kd", "temperature": 4.0, "alpha": 0.9}}],
+        "eval": {"batch_size": 32, "warmup": 1, "repeats": 3},
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert run.main(["--config", str(path)]) == 0
+    models = json.loads((tmp_path / "runs" / "cifar_subset" / "report.json").read_text())["models"]
+    assert models["teacher"]["test_top1"] > 0.85  # the decoded images are the ones the teacher learnt from
+    assert models["kd"]["test_top1"] - models["baseline"]["test_top1"] > 0.005, (models["kd"], models["baseline"])
