@@ -3,6 +3,8 @@
     python run.py --config configs/fashion_mnist.yaml
     python run.py --config configs/cifar10.yaml --set train.epochs=5 --set data.batch_size=256 --device cuda
     torchrun --nproc_per_node 4 run.py --config configs/cifar10.yaml     # one process per GPU
+    python run.py predict runs/cifar10/kd/best.pt cat.jpg dog.png        # or a model.onnx the study exported
+    python run.py export runs/cifar10/kd/best.pt --int8 --images train/*.png
 
 The run folder (<output_dir>/<name>/) holds the resolved config, per-stage checkpoints and metrics.csv,
 report.json and report.md. Finished stages are reused when the study is run again; an interrupted stage
@@ -11,6 +13,7 @@ continues with --resume.
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from kd.config import load_config
 from kd.errors import ConfigError, KDError
@@ -49,7 +52,51 @@ def shutdown_distributed():
         dist.destroy_process_group()
 
 
+def predict_command(argv):
+    p = argparse.ArgumentParser(prog="run.py predict", description="The most likely classes of image files, by a "
+                                "checkpoint a study wrote (a stage's best.pt, a teacher) or an .onnx file it exported.")
+    p.add_argument("model", help="best.pt, teacher checkpoint or .onnx file")
+    p.add_argument("images", nargs="+", help="image files (any format PIL reads)")
+    p.add_argument("--top", type=int, default=5, help="how many classes to print (default 5)")
+    args = p.parse_args(argv)
+    if args.top < 1:
+        p.error("--top must be >= 1")
+    from kd.predict import predict
+    ok = True
+    for good, line in predict(args.model, args.images, args.top):
+        print(line, file=sys.stdout if good else sys.stderr)
+        ok &= good
+    return 0 if ok else 2
+
+
+def export_command(argv):
+    p = argparse.ArgumentParser(prog="run.py export", description="A checkpoint a study wrote (with its card) to ONNX, "
+                                "checked against PyTorch; with --int8 also a post-training int8 copy.")
+    p.add_argument("checkpoint", help="a stage's best.pt or a teacher checkpoint")
+    p.add_argument("--out", help="the .onnx file (default: the checkpoint's path with .onnx)")
+    p.add_argument("--images", nargs="+", default=[], help="image files to check the export on and calibrate int8")
+    p.add_argument("--int8", action="store_true", help="also write <out>.int8.onnx, calibrated on --images")
+    args = p.parse_args(argv)
+    if args.int8 and not args.images:
+        p.error("--int8 needs --images: training images to calibrate its activation ranges")
+    from kd.export import export_checkpoint
+    out = Path(args.out or Path(args.checkpoint).with_suffix(".onnx"))
+    for line in export_checkpoint(Path(args.checkpoint), out, args.images, args.int8):
+        print(line)
+    return 0
+
+
+COMMANDS = {"predict": predict_command, "export": export_command}
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS:
+        try:
+            return COMMANDS[argv[0]](argv[1:])
+        except KDError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     args = parse_args(argv)
     try:
         overrides = args.set + ([f"device={args.device}"] if args.device else [])

@@ -218,6 +218,18 @@ class EvalConfig:
 
 
 @dataclass
+class DeployConfig:
+    """Every model of the study exported to ONNX (with an int8 copy) and measured as a CPU deployment runs it:
+    PyTorch eager, onnxruntime fp32 and int8 (kd/deploy.py). The files go beside each model's checkpoint."""
+    onnx: bool = _setting(False)
+    int8: bool = _setting(True)  # with onnx: post-training static int8, calibrated on training images
+    calibration_images: int = _setting(512)
+
+    def validate(self, key):
+        _check(self.calibration_images >= 1, f"{key}.calibration_images", "must be >= 1", self.calibration_images)
+
+
+@dataclass
 class Config:
     name: str = field(metadata=NOT_RESULT)
     stages: list[StageConfig]
@@ -234,6 +246,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
 
     @property
     def run_dir(self):
@@ -255,6 +268,7 @@ class Config:
         self.train.validate("train")
         self.eval.validate("eval")
         self.cache.validate("cache")
+        self.deploy.validate("deploy")
         _check(self.seeds is None or (self.seeds and len(set(self.seeds)) == len(self.seeds)), "seeds",
                "must be a non-empty list of distinct seeds, or null", self.seeds)
         _check(len(self.stages) > 0, "stages", "must list at least one student stage", self.stages)

@@ -13,7 +13,7 @@ from torchvision import transforms as T
 from . import folders
 from .errors import ConfigError
 from .registry import Registry
-from .tensor_data import Batch, TensorLoader, from_subset
+from .tensor_data import Batch, TensorLoader, from_subset, normalize
 
 DATASETS = Registry("dataset", context=("cfg",))
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
@@ -31,6 +31,7 @@ class Splits:
     image_size: int
     mean: tuple
     std: tuple
+    resize: int | None = None  # evaluation: shorter side resized to this, then centre-cropped (None: image_size)
 
 
 @dataclass
@@ -43,6 +44,8 @@ class Data:
     image_size: int
     mean: tuple
     std: tuple
+    resize: int
+    classes: list[str]
     tensors: dict | None = None  # split -> (uint8 images, labels) when the tensor pipeline is used
     content: str = ""  # digest of the training and validation images and labels: what the models learn from
 
@@ -59,6 +62,13 @@ def small_image_transforms(cfg, size, mean, std):
         aug.append(T.RandomHorizontalFlip())
     plain = [T.ToTensor(), T.Normalize(mean, std)]
     return T.Compose(aug + plain), T.Compose(plain)
+
+
+def eval_transform(size, resize, mean, std):
+    """A PIL image as every model sees it at evaluation: shorter side resized to `resize`, centre crop of `size`,
+    normalised. The imagenet test split and `run.py predict` (from a model's card) both use it; on small-image
+    datasets, whose images already have the size, it is the plain ToTensor + Normalize."""
+    return T.Compose([T.Resize(resize), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])
 
 
 def normalisation(cfg, channels, default):
@@ -150,10 +160,10 @@ def imagenet(cfg):
     """ImageNet-style folders: root/train/<class>/*.jpg and root/val/<class>/*.jpg (val is the test split)."""
     size = cfg.image_size
     mean, std = normalisation(cfg, 3, lambda: ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
-    norm = T.Normalize(mean, std)
     train_tf = T.Compose([T.RandomResizedCrop(size)] + ([T.RandomHorizontalFlip()] if cfg.augment.hflip else [])
-                         + [T.ToTensor(), norm])
-    eval_tf = T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), norm])
+                         + [T.ToTensor(), T.Normalize(mean, std)])
+    resize = int(size * 256 / 224)
+    eval_tf = eval_transform(size, resize, mean, std)
     root = Path(cfg.root)
     try:
         train = torchvision.datasets.ImageFolder(root / "train", transform=train_tf)
@@ -164,7 +174,7 @@ def imagenet(cfg):
     if train.classes != test.classes:
         raise ConfigError("data.root", f"{root}/train and {root}/val have different class folders")
     plain = torchvision.datasets.ImageFolder(root / "train", transform=eval_tf)
-    return Splits(train, plain, test, len(train.classes), 3, size, mean, std)
+    return Splits(train, plain, test, len(train.classes), 3, size, mean, std, resize)
 
 
 @DATASETS.register("fake")
@@ -192,8 +202,9 @@ def build_data(cfg, device=torch.device("cpu"), distributed=False):
     if cfg.train_subset:
         train_idx = train_idx[:cfg.train_subset]
     test = Subset(s.test, range(min(cfg.test_subset or len(s.test), len(s.test))))
-    data = Data(Subset(s.train, train_idx), Subset(s.train_plain, val_idx), test,
-                s.num_classes, s.in_channels, s.image_size, s.mean, s.std)
+    classes = [str(c) for c in getattr(s.train, "classes", None) or range(s.num_classes)]  # FakeData has none
+    data = Data(Subset(s.train, train_idx), Subset(s.train_plain, val_idx), test, s.num_classes, s.in_channels,
+                s.image_size, s.mean, s.std, s.resize or s.image_size, classes)
     if pipeline(cfg, s.train, distributed) == "tensor":
         data.tensors = {name: from_subset(getattr(data, name)) for name in ("train", "val", "test")}
     data.content = content_digest(data)
@@ -295,6 +306,15 @@ def eval_loaders(data, cfg, device):
                                   mean=data.mean, std=data.std, device=device) for split in ("val", "test"))
     return tuple(DataLoader(split, cfg.eval_batch_size, num_workers=cfg.num_workers,
                             pin_memory=device.type == "cuda") for split in (data.val, data.test))
+
+
+def plain_train_images(data, n):
+    """The first `n` training images (in the split's fixed shuffled order) as evaluation sees images: unaugmented,
+    normalised, on the CPU. They calibrate the int8 models."""
+    if data.tensors:
+        return normalize(data.tensors["train"][0][:n].cpu(), data.mean, data.std)
+    plain = Subset(data.val.dataset, data.train.indices[:n])  # the training images with the evaluation transform
+    return torch.stack([plain[i][0] for i in range(len(plain))])
 
 
 def sample_batch(data, n=4):

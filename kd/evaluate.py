@@ -57,8 +57,9 @@ def timed(fn, device, warmup, repeats):
 
 @torch.inference_mode()
 def latency(model, x, warmup, repeats):
-    """Seconds per forward pass on an input already on the device: median and 90th percentile over repeats."""
-    times = timed(lambda: model.eval()(x), x.device, warmup, repeats)
+    """Seconds per forward pass of `model` (in eval mode, or any callable, as an ONNX model) on an input already
+    on the device: median and 90th percentile over repeats."""
+    times = timed(lambda: model(x), x.device, warmup, repeats)
     return {"median": statistics.median(times), "p90": times[min(len(times) - 1, int(0.9 * len(times)))]}
 
 

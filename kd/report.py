@@ -35,12 +35,26 @@ def add_ratios(rows, batch):
         row["top1_gap_vs_teacher"] = t["test_top1"] - row["test_top1"]
         if baseline is not None:
             row["top1_gain_vs_baseline"] = row["test_top1"] - baseline["test_top1"]
+        for runtime in row.get("deploy", {}).values():  # against the teacher in PyTorch eager, on the CPU
+            reference = t["deploy"]["pytorch"]
+            runtime["speedup_b1"] = reference["latency_b1_ms"] / runtime["latency_b1_ms"]
+            runtime[f"speedup_b{batch}"] = reference[f"latency_b{batch}_ms"] / runtime[f"latency_b{batch}_ms"]
+            runtime["size_reduction"] = reference["file_bytes"] / runtime["file_bytes"]
 
 
 def pct(row, key):
     """A percentage, with its seed-to-seed standard deviation when the stage ran several seeds."""
     text = f"{100 * row[key]:.2f}"
     return text + f" ± {100 * row[f'{key}_std']:.2f}" if len(row.get("seeds", ())) > 1 else text
+
+
+def timing(key, digits):
+    """A latency cell: median (p90) in ms."""
+    return lambda n, r: f"{r[f'{key}_ms']:.{digits}f} ({r[f'{key}_p90_ms']:.{digits}f})"
+
+
+def speedups(b):
+    return lambda n, r: f"{r['speedup_b1']:.1f}x / {r[f'speedup_b{b}']:.1f}x"
 
 
 def table(cols, rows):
@@ -58,11 +72,11 @@ def markdown(report):
             ("params", lambda n, r: f"{r['params'] / 1e6:.3f}M"),
             ("checkpoint MB", lambda n, r: f"{r['checkpoint_bytes'] / MB:.2f}"),
             ("MMACs/img", lambda n, r: f"{r['macs'] / 1e6:.1f}"),
-            ("latency b1 ms (p90)", lambda n, r: f"{r['latency_b1_ms']:.2f} ({r['latency_b1_p90_ms']:.2f})"),
-            (f"latency b{b} ms (p90)", lambda n, r: f"{r[f'latency_b{b}_ms']:.1f} ({r[f'latency_b{b}_p90_ms']:.1f})"),
+            ("latency b1 ms (p90)", timing("latency_b1", 2)),
+            (f"latency b{b} ms (p90)", timing(f"latency_b{b}", 1)),
             (f"img/s b{b}", lambda n, r: f"{r[f'images_per_s_b{b}']:.0f}"),
             (f"peak MB b{b}", lambda n, r: f"{r['peak_memory_bytes'] / MB:.1f}"),
-            (f"speed-up b1 / b{b}", lambda n, r: f"{r['speedup_b1']:.1f}x / {r[f'speedup_b{b}']:.1f}x"),
+            (f"speed-up b1 / b{b}", speedups(b)),
             ("params / MACs / memory reduction",
              lambda n, r: f"{r['param_reduction']:.1f}x / {r['mac_reduction']:.1f}x / {r['memory_reduction']:.1f}x")]
     students = {n: r for n, r in report["models"].items() if n != "teacher"}
@@ -79,6 +93,8 @@ def markdown(report):
     lines = table(cols, report["models"]) + ["", "Training (students; mean ± sample std over seeds where several):", ""]
     lines += table(training, students)
     m = report["meta"]
+    if m.get("deploy"):
+        lines += ["", f"Deployment on the CPU ({m['deploy']['cpu']}):", ""] + deployment(report["models"], b)
     notes = [f"Study `{m['study']}` on {m['dataset']} ({m['train_images']} train / {m['val_images']} val / "
              f"{m['test_images']} test images), {m['date']}.",
              f"Device: {m['device']}; torch {m['torch']}. Latency: median (p90) of {m['repeats']} forward passes "
@@ -92,13 +108,46 @@ def markdown(report):
              "reads, not validation.",
              f"Training precision: teacher {m['precision']['teacher.train.amp']} (if trained in this run), students "
              f"{m['precision']['train.amp']}."]
+    if m.get("deploy"):
+        d = m["deploy"]
+        int8 = "" if d["calibration_images"] is None else (
+            "; int8: post-training static quantization (batch norm folded, int8 weights per output channel in 7 "
+            f"bits, int8 activations calibrated on {d['calibration_images']} training images)")
+        notes.append(f"Deployment: every model exported to ONNX (opset {d['opset']}) and run by onnxruntime "
+                     f"{d['onnxruntime']} on the CPU{int8}. Test top-1 and agreement over the whole test split; "
+                     f"latency median (p90): batch 1 on one thread, batch {b} on all threads; speed-ups against the "
+                     "teacher in PyTorch eager fp32 measured the same way; file: the checkpoint (PyTorch) or the "
+                     ".onnx file. Each stage's first seed, as above.")
+        notes += [f"**int8 costs {n} {100 * lost:.2f} points of test top-1** (more than 1 point)."
+                  for n, lost in int8_losses(report["models"]) if lost > 0.01]
     if m["teacher_note"]:
         notes.append(f"**The teacher checkpoint was used although it {m['teacher_note']}** (teacher.accept_checkpoint).")
     return "\n".join(lines + [""] + notes) + "\n"
 
 
+def int8_losses(models):
+    """(model, test top-1 lost by its int8 copy against PyTorch) for every model quantized."""
+    return [(n, r["deploy"]["pytorch"]["test_top1"] - r["deploy"]["onnxruntime-int8"]["test_top1"])
+            for n, r in models.items() if "onnxruntime-int8" in r.get("deploy", {})]
+
+
+def deployment(models, b):
+    rows = {(n, rt): r for n, row in models.items() for rt, r in row.get("deploy", {}).items()}
+    cols = [("model", lambda k, r: k[0]), ("runtime", lambda k, r: k[1]),
+            ("file MB", lambda k, r: f"{r['file_bytes'] / MB:.2f}"),
+            ("test top-1", lambda k, r: f"{100 * r['test_top1']:.2f}"),
+            ("agrees with PyTorch", lambda k, r: f"{100 * r['top1_agreement']:.2f}%"),
+            ("max logit diff", lambda k, r: f"{r['max_abs_logit_diff']:.1e}"),
+            ("b1, 1 thread ms (p90)", timing("latency_b1", 2)),
+            (f"b{b}, all threads ms (p90)", timing(f"latency_b{b}", 1)),
+            (f"speed-up b1 / b{b}", speedups(b)),
+            ("smaller", lambda k, r: f"{r['size_reduction']:.1f}x")]
+    return table(cols, rows)
+
+
 def write_report(run_dir, cfg, data, device, rows, facts):
-    """`facts`: the study's own, {"precision": {config key: precision used}, "teacher_note": what differs or None}."""
+    """`facts`: the study's own, {"precision": {config key: precision used}, "teacher_note": what differs or None,
+    "deploy": kd/deploy.py's facts or None}."""
     for name, row in rows.items():
         row["uses_teacher"] = None if name == "teacher" else next(s for s in cfg.stages if s.name == name).uses_teacher
     add_ratios(rows, cfg.eval.batch_size)

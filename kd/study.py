@@ -9,9 +9,10 @@ from typing import NamedTuple
 import torch
 import yaml
 
+from . import card as cards
 from .cache import TeacherCache
 from .config import StageConfig, to_dict, validate_runtime
-from .data import build_data, eval_loaders, sample_batch, train_loader
+from .data import build_data, eval_loaders, plain_train_images, sample_batch, train_loader
 from .device import barrier, resolve_amp, setup
 from .distiller import Distiller, Taps, feature_layers
 from .errors import ConfigError, KDError
@@ -47,6 +48,16 @@ def over_seeds(results, seeds):
     summary["seeds"] = {seed: {k: r.get(k) for k in ("val_top1", "test_top1", "best_epoch")}
                         for seed, r in zip(seeds, rows)}
     return summary
+
+
+def deploy_module():
+    """kd/deploy.py, imported only for deploy.onnx: onnx and onnxruntime are not needed to train and measure."""
+    try:
+        from . import deploy
+    except ImportError as e:
+        raise ConfigError("deploy.onnx", f"needs onnx, onnxscript and onnxruntime (Pipfile.lock pins them): {e}; "
+                          "install them, or set deploy.onnx: false") from None
+    return deploy
 
 
 class Job(NamedTuple):
@@ -95,8 +106,22 @@ class Study:
             results[stage.name] = over_seeds([self.train_student(job) for job in jobs if job.stage is stage],
                                              self.cfg.student_seeds)
         if self.main:
-            return write_report(self.folder.root, self.cfg, self.data, self.device, self.profile_all(results),
-                                {"precision": self.rt.precision, "teacher_note": self.teacher_note})
+            rows = self.profile_all(results)
+            deployed = deploy_module().facts(self.cfg.deploy, len(self.data.train)) if self.cfg.deploy.onnx else None
+            report = write_report(self.folder.root, self.cfg, self.data, self.device, rows,
+                                  {"precision": self.rt.precision, "teacher_note": self.teacher_note,
+                                   "deploy": deployed})
+            self.plot(report)
+            return report
+
+    def plot(self, report):
+        try:
+            from .plots import write_plots  # matplotlib: a picture is not worth failing a finished study for
+        except ImportError as e:
+            info(f"[plots] skipped: {e} (Pipfile.lock pins matplotlib)")
+            return
+        for path in write_plots(self.folder.root, report):
+            info(f"[plots] {path}")
 
     def new_model(self, model_cfg, key, seed=None):
         """Seeded per model: a stage's initial weights (and its methods' modules, built next) do not depend on
@@ -114,7 +139,7 @@ class Study:
     def check(self):
         """Before any long work: the files (see check_files), then every model and method of the study (each stage,
         each seed, the teacher if it is to be trained) runs one real training step on a few validation images, on
-        the training device."""
+        the training device; with deploy.onnx, the untrained teacher and student export to ONNX (and int8)."""
         self.check_files()
         tcfg = self.cfg.teacher
         to_train = not Path(tcfg.checkpoint).exists()
@@ -126,11 +151,17 @@ class Study:
                 dry_step(self.new_distiller(stage, seed), self.sample, self.device, self.cfg.train, f"stages[{i}]")
         info(f"[check] one training step on {self.device} passed for {'the teacher and ' if to_train else ''}"
              f"{len(self.cfg.stages)} stage(s) x {len(self.cfg.student_seeds)} seed(s)")
+        if self.cfg.deploy.onnx:
+            deploy_module().check({key: (self.new_model(getattr(self.cfg, key), key), self.model_card(key, None))
+                                   for key in ("teacher", "student")}, self.cfg.deploy.int8)
+            info(f"[check] the teacher and the student export to ONNX{' and int8' if self.cfg.deploy.int8 else ''}")
 
     def check_files(self):
         """The folders this run writes in are writable, a teacher checkpoint already there is intact and made for
         this study (it is loaded now), and a teacher cache still to build fits on its disk."""
         writable_folder(self.folder.root, "output_dir")
+        if self.cfg.deploy.onnx:
+            deploy_module()
         path = Path(self.cfg.teacher.checkpoint)
         if path.exists():
             if not path.is_file():
@@ -166,11 +197,13 @@ class Study:
                                       f"untrained ({', '.join(fresh)}): the students would learn from an untrained "
                                       "classifier; set teacher.train.epochs to fine-tune them")
             identity = self.teacher_identity()
+            key = fingerprint(identity)
+            card = self.model_card("teacher", key)
             trained = self.fit("teacher", Distiller(self.teacher, label_smoothing=tcfg.train.label_smoothing),
-                               tcfg.train, fingerprint(identity), self.cfg.seed)
+                               tcfg.train, key, self.cfg.seed, card=card)
             if self.main:
-                save({"model": self.teacher.state_dict(), "name": tcfg.name, "train": trained, "identity": identity},
-                     path)
+                save({"model": self.teacher.state_dict(), "name": tcfg.name, "train": trained, "identity": identity,
+                      "card": card}, path)
                 (self.folder.model("teacher") / LAST).unlink(missing_ok=True)  # later runs use the checkpoint
                 info(f"[teacher] saved {path}")
             barrier()
@@ -195,16 +228,21 @@ class Study:
             raise ConfigError("teacher.checkpoint", f"{path} does not hold a '{tcfg.name}' for this data "
                               f"({(str(e).splitlines() or [type(e).__name__])[0]}); point it elsewhere or delete it "
                               "to retrain") from None
-        self.teacher_note = self.check_provenance(ckpt.get("identity"), self.teacher_identity(), path)
+        changed = cards.mismatch(ckpt["card"], self.model_card("teacher", None)) if "card" in ckpt else []
+        self.teacher_note = self.check_provenance(ckpt.get("identity"), self.teacher_identity(), path, changed)
         self.teacher_digest, self.teacher_train = content_digest(ckpt["model"]), ckpt.get("train", {})
 
-    def check_provenance(self, recorded, identity, path):
-        """None when the checkpoint was made under this config; what differs when teacher.accept_checkpoint takes
-        it anyway; a one-line error otherwise."""
-        if recorded == identity:
+    def check_provenance(self, recorded, identity, path, card_changes=()):
+        """None when the checkpoint was made under this config (and its card, if any, expects this data's input and
+        classes); what differs when teacher.accept_checkpoint takes it anyway; a one-line error otherwise."""
+        if recorded == identity and not card_changes:
             return None
-        what = "records no provenance (the data and recipe that made it)" if recorded is None else \
-            "was made under another config (" + "; ".join(differences(recorded, identity)) + ")"
+        if recorded is None:
+            what = "records no provenance (the data and recipe that made it)"
+        elif recorded != identity:
+            what = "was made under another config (" + "; ".join(differences(recorded, identity)) + ")"
+        else:
+            what = "expects other input (" + "; ".join(card_changes) + ")"
         if not self.cfg.teacher.accept_checkpoint:
             raise ConfigError("teacher.checkpoint", f"{path} {what}; delete it or point teacher.checkpoint elsewhere "
                               "to train the teacher this config describes, or set teacher.accept_checkpoint: true "
@@ -232,11 +270,16 @@ class Study:
         """The job's stored Result, or its student trained now."""
         if job.done:
             info(f"[{job.name}] finished earlier; reusing {self.folder.model(job.name) / 'result.json'}")
+            best = self.folder.load_best(job.name, job.key)
+            if best.get("card") is None and self.main:  # written before checkpoints carried their card
+                save({**best, "card": self.model_card(job.name, job.key)}, self.folder.best(job.name))
+                info(f"[{job.name}] added its card to {self.folder.best(job.name)}")
             return job.done
         replay = self.replays(job.stage)
         distiller = self.new_distiller(job.stage, job.seed, self.teacher_cache() if replay else None)
         trained = self.fit(job.name, distiller, self.cfg.train, job.key, job.seed,
-                           views=self.cfg.cache.views if replay else None)
+                           views=self.cfg.cache.views if replay else None,
+                           card=self.model_card(job.name, job.key))
         return self.finish(job.name, distiller.student, job.key, f"{job.name}/{BEST}", trained, job.identity)
 
     def cache_plan(self, mode=None):
@@ -263,14 +306,20 @@ class Study:
                                                      self.data.num_classes, self.device, self.cfg.train.amp)
         return self._cache
 
-    def fit(self, name, distiller, train_cfg, key, seed, views=None):
+    def model_card(self, name, key):
+        """What `name` (the teacher or a stage's student) needs to be deployed alone: kd/card.py."""
+        model_cfg = self.cfg.teacher if name == "teacher" else self.cfg.student
+        return cards.make(model_cfg, self.data, {"study": self.cfg.name, "model": name, "fingerprint": key,
+                                                "data": self.data.content})
+
+    def fit(self, name, distiller, train_cfg, key, seed, views=None, card=None):
         """Train (or resume) one model; leaves its best validation weights loaded and returns training facts.
         Batch order follows `seed`; augmentation always the study's seed, the one the teacher cache replays."""
         loaders = (train_loader(self.data, self.cfg.data, self.device, seed, views=views, aug_seed=self.cfg.seed,
                                 rank=self.rt.rank, world=self.rt.world),
                    eval_loaders(self.data, self.cfg.data, self.device)[0])
         trainer = Trainer(distiller.to(self.device), train_cfg, loaders, self.device, self.folder.model(name), seed,
-                          key, name)
+                          key, name, card)
         if trainer.last_path.exists():
             if not self.resume:
                 raise KDError(f"{trainer.last_path}: an unfinished run is there; pass --resume to continue it, "
@@ -298,21 +347,29 @@ class Study:
         return result
 
     def profile_all(self, results):
-        """Teacher and students measured in one process, one after another, on the same inputs and settings."""
+        """Teacher and students measured in one process, one after another, on the same inputs and settings; with
+        deploy.onnx, each also exported and measured in every CPU runtime (kd/deploy.py)."""
         memory_format = torch.channels_last if self.cfg.train.channels_last else torch.preserve_format
+        d = self.cfg.deploy
+        deploy = deploy_module() if d.onnx else None
+        calibration = plain_train_images(self.data, d.calibration_images) if d.onnx and d.int8 else None
         rows = {}
         for name, summary in results.items():
             # Fresh, hook-free models with the weights a user would deploy: the teacher's checkpoint (loaded and
             # checked at the start), a stage's first seed's best.pt (checked again now).
             model = self.new_model(self.cfg.teacher if name == "teacher" else self.cfg.student, name)
             if name == "teacher":
-                path = Path(self.cfg.teacher.checkpoint)
+                path, folder = Path(self.cfg.teacher.checkpoint), "teacher"
                 model.load_state_dict(self.teacher.state_dict())
             else:
-                path = self.folder.root / summary["checkpoint"]
-                model.load_state_dict(self.folder.load_best(Path(summary["checkpoint"]).parent.as_posix(),
-                                                            summary["fingerprint"])["model"])
+                path, folder = self.folder.root / summary["checkpoint"], Path(summary["checkpoint"]).parent.as_posix()
+                model.load_state_dict(self.folder.load_best(folder, summary["fingerprint"])["model"])
             info(f"[{name}] measuring inference cost on {self.device}")
             cost = profile(model, self.image_shape, self.device, self.cfg.eval, memory_format)
             rows[name] = {**summary, **cost, "checkpoint_bytes": os.path.getsize(path)}
+            if d.onnx:
+                test = eval_loaders(self.data, self.cfg.data, deploy.CPU)[1]
+                rows[name]["deploy"] = deploy.measure(name, model, self.model_card(folder, summary["fingerprint"]),
+                                                      self.folder.model(folder), os.path.getsize(path), test,
+                                                      calibration, self.cfg.eval)
         return rows

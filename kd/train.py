@@ -71,10 +71,11 @@ def seed_everything(seed):
 
 class Trainer:
     """Trains `distiller.learnable()`; writes `last.pt` (everything needed to resume) every epoch, `best.pt`
-    (student weights of the best validation epoch) and `metrics.csv`, all inside `out_dir`."""
+    (student weights of the best validation epoch, with the model's card: kd/card.py) and `metrics.csv`, all
+    inside `out_dir`."""
 
-    def __init__(self, distiller, cfg, loaders, device, out_dir, seed, fingerprint, name):
-        self.distiller, self.cfg, self.device, self.name = distiller, cfg, device, name
+    def __init__(self, distiller, cfg, loaders, device, out_dir, seed, fingerprint, name, card=None):
+        self.distiller, self.cfg, self.device, self.name, self.card = distiller, cfg, device, name, card
         self.main = is_main()  # the one process that writes files
         self.model = distiller
         if dist.is_initialized():  # gradients of the student and the methods' modules are averaged across processes
@@ -134,7 +135,7 @@ class Trainer:
 
     def save_best(self):
         if self.main:
-            save({"model": self.distiller.student.state_dict(), "fingerprint": self.fingerprint},
+            save({"model": self.distiller.student.state_dict(), "fingerprint": self.fingerprint, "card": self.card},
                  self.out_dir / BEST)
 
     def train_epoch(self):

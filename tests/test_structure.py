@@ -22,7 +22,7 @@ from conftest import ROOT
 NOT_RESULT = {"name", "output_dir", "plugins", "device", "deterministic", "data.root", "data.download",
               "data.eval_batch_size", "data.num_workers", "data.pipeline", "teacher.checkpoint",
               "teacher.accept_checkpoint", "cache.dir", "cache.batch_size", "eval.batch_size", "eval.warmup",
-              "eval.repeats"}
+              "eval.repeats", "deploy.onnx", "deploy.int8", "deploy.calibration_images"}
 
 
 def leaf_fields(obj, prefix=""):

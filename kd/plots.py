@@ -1,0 +1,87 @@
+"""Pictures of a finished study, written beside its report: accuracy against batch-1 latency (one point per model
+and runtime), and the training curves of every model trained in the run. matplotlib, headless."""
+import csv
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
+
+from .store import atomic  # noqa: E402
+
+MARKERS = {"pytorch": "o", "onnxruntime": "s", "onnxruntime-int8": "^"}
+
+
+def points(report):
+    """{label: (batch-1 latency ms, test top-1 %)}: every model in every runtime of the deployment table (batch 1
+    on one CPU thread), or without one, every model in PyTorch on the study's device."""
+    out = {}
+    for name, row in report["models"].items():
+        for runtime, r in (row.get("deploy") or {"pytorch": row}).items():
+            out[f"{name} ({runtime})"] = (r["latency_b1_ms"], 100 * r["test_top1"])
+    return out
+
+
+def accuracy_vs_latency(report):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    models = list(report["models"])
+    for label, (ms, top1) in points(report).items():
+        name, runtime = label.rsplit(" (", 1)
+        ax.scatter(ms, top1, marker=MARKERS.get(runtime[:-1], "o"), s=60, label=label,
+                   color=f"C{models.index(name) % 10}")
+    ax.set_xscale("log")
+    ax.set_xlabel("batch-1 latency, ms (log scale)" + (", one CPU thread" if report["meta"].get("deploy") else ""))
+    ax.set_ylabel("test top-1, %")
+    ax.set_title(f"{report['meta']['study']}: accuracy against latency")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def curves(run_dir, names):
+    """{label: [(epoch, train loss, val top-1 %)]} from each model's metrics.csv (several seeds: their mean per
+    epoch), for the models in `names` trained in this run folder."""
+    out = {}
+    for name in names:
+        files = sorted(Path(run_dir, name).glob("**/metrics.csv"))
+        runs = [list(csv.DictReader(f.read_text().splitlines())) for f in files]
+        runs = [r for r in runs if r]
+        if not runs:
+            continue
+        epochs = min(len(r) for r in runs)
+        mean = lambda e, key: statistics.fmean(float(r[e][key]) for r in runs)
+        label = name if len(runs) == 1 else f"{name} (mean of {len(runs)} seeds)"
+        out[label] = [(int(runs[0][e]["epoch"]), mean(e, "train_loss"), 100 * mean(e, "val_top1")) for e in range(epochs)]
+    return out
+
+
+def training_curves(run_dir, names):
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, rows in curves(run_dir, names).items():
+        epochs, loss, acc = zip(*rows)
+        loss_ax.plot(epochs, loss, marker=".", label=label)
+        acc_ax.plot(epochs, acc, marker=".", label=label)
+    loss_ax.set(xlabel="epoch", ylabel="training loss (each model's own objective)", yscale="log")
+    acc_ax.set(xlabel="epoch", ylabel="validation top-1, %")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def save(fig, path):
+    with atomic(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def write_plots(run_dir, report):
+    """accuracy_vs_latency.png and training_curves.png in the run folder; their paths."""
+    paths = [Path(run_dir) / "accuracy_vs_latency.png", Path(run_dir) / "training_curves.png"]
+    save(accuracy_vs_latency(report), paths[0])
+    save(training_curves(run_dir, list(report["models"])), paths[1])
+    return paths

@@ -1,0 +1,275 @@
+"""Deployment: checkpoints that describe their model, ONNX export and int8, the report's deployment table, the
+plots, and `run.py predict` / `run.py export`."""
+import json
+import sys
+import tarfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("onnxruntime", reason="deployment needs onnx and onnxruntime (installed from Pipfile.lock)")
+
+import kd.store  # noqa: E402
+import run  # noqa: E402
+from conftest import ROOT, one_error_line  # noqa: E402
+from kd import card as cards, export, plots  # noqa: E402
+from kd.config import Config, DataConfig, from_dict  # noqa: E402
+from kd.data import build_data, plain_train_images  # noqa: E402
+from kd.errors import ConfigError  # noqa: E402
+from kd.models import MODELS  # noqa: E402
+from kd.study import Study  # noqa: E402
+from kd.tensor_data import normalize  # noqa: E402
+from test_cache import make_config, make_study  # noqa: E402,F401  (fixtures)
+
+SHARED = ROOT.parent / "shared"
+CIFAR_ARCHIVE = SHARED / "data" / "cifar10-jpeg.tar.gz"
+CIFAR_TEACHER = SHARED / "device-runs" / "2026-11-26-h200" / "cifar10_resnet18_teacher_fp16.pt"
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def small_card(channels=1, size=28):
+    return {"model": {"name": "cnn", "kwargs": {"channels": [8, 16], "blocks": 1}},
+            "input": {"channels": channels, "image_size": size, "resize": size, "mean": [0.5] * channels,
+                      "std": [0.25] * channels},
+            "classes": [f"class{i}" for i in range(10)], "made_by": {"study": "test"}}
+
+
+def test_export_round_trip_equals_pytorch_at_any_batch_size(tmp_path):
+    card = small_card()
+    torch.manual_seed(0)
+    model = cards.build(card).eval()
+    export.export(model, card, tmp_path / "m.onnx")
+    assert export.read_card(tmp_path / "m.onnx") == card
+    onnx_model = export.OnnxModel(tmp_path / "m.onnx", threads=1)
+    for batch in (1, 3, 64):
+        x = torch.randn(batch, 1, 28, 28)
+        with torch.no_grad():
+            reference = model(x)
+        assert (onnx_model(x) - reference).abs().max().item() < 1e-4
+        assert torch.equal(onnx_model(x).argmax(1), reference.argmax(1))
+
+
+@pytest.fixture(scope="module")
+def fashion_student(tmp_path_factory):
+    """A small CNN trained for four epochs on 3,000 real Fashion-MNIST images, and the data."""
+    if not Path("/usr/share/datasets/fashion-mnist").exists():
+        pytest.skip("needs Debian's dataset-fashion-mnist")
+    root = tmp_path_factory.mktemp("fashion")
+    data = build_data(DataConfig(dataset="fashion_mnist", root=str(root), download=False, val_size=500,
+                                 train_subset=3000, test_subset=1000))
+    (x, y), = [data.tensors["train"]]
+    x = normalize(x, data.mean, data.std)
+    torch.manual_seed(0)
+    model = cards.build({**small_card(), "model": {"name": "cnn", "kwargs": {"channels": [16, 32], "blocks": 1}}})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(4):
+        for i in range(0, len(y), 100):
+            loss = torch.nn.functional.cross_entropy(model(x[i:i + 100]), y[i:i + 100])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval(), data
+
+
+def test_int8_keeps_top1_agreement_on_real_images_and_is_smaller(fashion_student, tmp_path):
+    model, data = fashion_student
+    card = {**small_card(), "model": {"name": "cnn", "kwargs": {"channels": [16, 32], "blocks": 1}}}
+    export.export(model, card, tmp_path / "m.onnx")
+    export.quantize(tmp_path / "m.onnx", tmp_path / "m.int8.onnx", plain_train_images(data, 256))
+    test_x, test_y = data.tensors["test"]
+    x = normalize(test_x, data.mean, data.std)
+    int8 = export.OnnxModel(tmp_path / "m.int8.onnx", threads=1)
+    a = export.agreement(model, int8, x)
+    with torch.no_grad():
+        fp32_top1 = (model(x).argmax(1) == test_y).float().mean().item()
+    int8_top1 = (int8(x).argmax(1) == test_y).float().mean().item()
+    # measured on an AMD EPYC (AVX2), onnxruntime 1.32: 97.9% agreement, top-1 fp32 61.1%, int8 60.6%; with
+    # full-range 8-bit weights this CPU's saturating int16 sums make it far worse (see export.quantize)
+    assert a["top1_agreement"] >= 0.95, a
+    assert fp32_top1 > 0.55 and int8_top1 >= fp32_top1 - 0.02, (fp32_top1, int8_top1)
+    assert export.read_card(tmp_path / "m.int8.onnx") == card
+    assert (tmp_path / "m.int8.onnx").stat().st_size < 0.6 * (tmp_path / "m.onnx").stat().st_size  # 18 of 33 kB
+
+
+def test_a_study_exports_and_measures_every_model_in_every_runtime(smoke_config, tmp_path, capsys):
+    cfg = smoke_config(stages=[{"name": "baseline"}, {"name": "kd", "logit": {"name": "kd"}}],
+                       deploy={"onnx": True, "calibration_images": 64}, eval={"batch_size": 8, "warmup": 1,
+                                                                             "repeats": 3})
+    assert run.main(["--config", str(cfg), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    folder = tmp_path / "runs" / "smoke"
+    report = json.loads((folder / "report.json").read_text())
+    assert report["meta"]["deploy"]["calibration_images"] == 64 and report["meta"]["deploy"]["opset"] == export.OPSET
+    for name in ("teacher", "baseline", "kd"):
+        deployed = report["models"][name]["deploy"]
+        assert list(deployed) == ["pytorch", "onnxruntime", "onnxruntime-int8"]
+        assert deployed["onnxruntime"]["top1_agreement"] == 1.0
+        assert deployed["onnxruntime"]["max_abs_logit_diff"] < 1e-3
+        assert deployed["pytorch"]["test_top1"] == pytest.approx(report["models"][name]["test_top1"])
+        for runtime in deployed.values():
+            assert runtime["latency_b1_ms"] > 0 and runtime["latency_b8_p90_ms"] >= runtime["latency_b8_ms"]
+        for file in ("model.onnx", "model.int8.onnx"):
+            assert export.read_card(folder / name / file)["model"]["name"] == ("resnet18" if name == "teacher"
+                                                                                 else "cnn")
+    assert report["models"]["teacher"]["deploy"]["pytorch"]["speedup_b1"] == 1.0
+    assert "Deployment on the CPU" in out and "| kd | onnxruntime-int8 |" in out
+    for png in ("accuracy_vs_latency.png", "training_curves.png"):
+        assert Image.open(folder / png).format == "PNG"
+
+    # the student's best.pt alone rebuilds the model, which matches its ONNX file
+    model, card = cards.load_checkpoint(folder / "kd" / "best.pt")
+    assert card["made_by"]["model"] == "kd" and card["input"]["image_size"] == 16
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert (model(x) - export.OnnxModel(folder / "kd" / "model.onnx", 1)(x)).abs().max() < 1e-4
+
+    # predict from either file, on an image file
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "i.png")
+    for model_file in ("best.pt", "model.onnx"):
+        assert run.main(["predict", str(folder / "kd" / model_file), str(tmp_path / "i.png"), "--top", "3"]) == 0
+        line = capsys.readouterr().out.strip()
+        assert line.startswith(f"{tmp_path / 'i.png'}: ") and line.count("%") == 3, line
+
+    # a best.pt written before cards existed gets its card when the study runs again
+    ckpt = kd.store.load(folder / "kd" / "best.pt", "")
+    kd.store.save({k: v for k, v in ckpt.items() if k != "card"}, folder / "kd" / "best.pt")
+    assert run.main(["--config", str(cfg), "--device", "cpu", "--set", "deploy.onnx=false"]) == 0
+    assert "[kd] added its card" in capsys.readouterr().out
+    assert cards.load_checkpoint(folder / "kd" / "best.pt")[1] == card
+
+
+def test_plots_hold_one_point_per_model_and_runtime_and_one_curve_per_model(tmp_path):
+    scales = (("pytorch", 1, 0), ("onnxruntime", 0.5, 0), ("onnxruntime-int8", 0.3, 0.01))
+    runtimes = lambda ms, top1: {rt: {"latency_b1_ms": ms * f, "test_top1": top1 - d} for rt, f, d in scales}
+    report = {"meta": {"study": "s", "deploy": {"cpu": "x"}},
+              "models": {"teacher": {"deploy": runtimes(20, 0.9)}, "kd": {"deploy": runtimes(1, 0.8)}}}
+    for folder, losses, accs in (("teacher", (2.0, 1.0), (0.5, 0.7)), ("kd/seed0", (3.0, 2.0), (0.4, 0.6)),
+                                 ("kd/seed1", (1.0, 1.0), (0.2, 0.4))):
+        (tmp_path / folder).mkdir(parents=True)
+        rows = [f"{e + 1},0.1,{loss},{acc}" for e, (loss, acc) in enumerate(zip(losses, accs))]
+        (tmp_path / folder / "metrics.csv").write_text("epoch,lr,train_loss,val_top1\n" + "\n".join(rows) + "\n")
+
+    ax = plots.accuracy_vs_latency(report).axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == [f"{m} ({rt})" for m in ("teacher", "kd") for rt in ("pytorch", "onnxruntime", "onnxruntime-int8")]
+    assert [tuple(c.get_offsets()[0]) for c in ax.collections][-1] == pytest.approx((0.3, 79.0))
+
+    loss_ax, acc_ax = plots.training_curves(tmp_path, ["teacher", "kd"]).axes
+    assert [line.get_label() for line in acc_ax.get_lines()] == ["teacher", "kd (mean of 2 seeds)"]
+    assert list(loss_ax.get_lines()[1].get_ydata()) == [2.0, 1.5] and list(acc_ax.get_lines()[1].get_ydata()) == \
+        pytest.approx([30.0, 50.0])
+
+    paths = plots.write_plots(tmp_path, report)
+    for path, size in zip(paths, ((840, 540), (1200, 480))):
+        image = Image.open(path)
+        assert image.format == "PNG" and image.size == size
+
+
+def test_a_teacher_whose_card_expects_other_classes_is_refused(make_study, make_config, tmp_path):
+    make_study()  # trains the teacher and saves it with its card
+    path = tmp_path / "teacher.pt"
+    ckpt = kd.store.load(path, "")
+    assert ckpt["card"]["classes"][0] == "T-shirt/top" and ckpt["card"]["input"]["channels"] == 1
+    kd.store.save({**ckpt, "card": {**ckpt["card"], "classes": ckpt["card"]["classes"][::-1]}}, path)
+    cfg = from_dict(Config, make_config(teacher={"accept_checkpoint": False}))
+    cfg.validate()
+    with pytest.raises(ConfigError, match=r"expects other input \(classes: "):
+        Study(cfg).check_files()
+
+
+def one_line_exit_2(capsys, argv):
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+def test_bad_model_and_image_files_get_one_line_each(tmp_path, capsys):
+    image = tmp_path / "i.png"
+    Image.new("L", (28, 28), 128).save(image)
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "garbage.onnx").write_bytes(b"not a model")
+    kd.store.save({"model": cards.build(small_card()).state_dict()}, tmp_path / "no_card.pt")
+    for model, says in (("missing.pt", "no such model file"), ("garbage.pt", "is damaged"),
+                        ("garbage.onnx", "not an ONNX file"), ("no_card.pt", "carries no card")):
+        assert says in one_line_exit_2(capsys, ["predict", str(tmp_path / model), str(image)])
+    assert "carries no card" in one_line_exit_2(capsys, ["export", str(tmp_path / "no_card.pt")])
+
+    kd.store.save({"model": cards.build(small_card()).state_dict(), "card": small_card()}, tmp_path / "ok.pt")
+    (tmp_path / "text.jpg").write_text("hello")
+    assert run.main(["predict", str(tmp_path / "ok.pt"), str(tmp_path / "text.jpg"), str(image),
+                     str(tmp_path / "gone.png")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [f"error: {tmp_path / 'text.jpg'}: not an image file",
+                                         f"error: {tmp_path / 'gone.png'}: not found"]
+    assert captured.out.startswith(f"{image}: class")  # the good image is still predicted
+
+
+def test_export_command_writes_checked_fp32_and_int8_files(tmp_path, capsys):
+    torch.manual_seed(0)
+    kd.store.save({"model": cards.build(small_card()).state_dict(), "card": small_card()}, tmp_path / "ok.pt")
+    images = []
+    for i in range(4):
+        images.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (28, 28), dtype=np.uint8)).save(images[-1])
+    assert run.main(["export", str(tmp_path / "ok.pt"), "--int8", "--images", *map(str, images)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" (")[0] for line in lines] == [str(tmp_path / "ok.onnx"), str(tmp_path / "ok.int8.onnx")]
+    assert "agrees with PyTorch on 100.0% of 4 image(s)" in lines[0]
+
+
+@pytest.mark.skipif(not (CIFAR_ARCHIVE.exists() and CIFAR_TEACHER.exists()),
+                    reason="needs ../shared: the CIFAR-10 archive and the GPU-trained teacher")
+def test_predict_names_the_classes_of_real_cifar10_photos(tmp_path, capsys):
+    """The shared teacher (88% on the test split) with a card, on two test JPEGs of each class."""
+    state = kd.store.load(CIFAR_TEACHER, "", unsigned_ok=True)["model"]
+    data = SimpleNamespace(in_channels=3, image_size=32, resize=32, classes=CIFAR_CLASSES,
+                           mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))  # kd.data.cifar10's
+    card = cards.make(SimpleNamespace(name="resnet18", kwargs={}), data, {"study": "test"})
+    kd.store.save({"model": state, "card": card}, tmp_path / "teacher.pt")
+    wanted = {f"test/{c}/{i:04d}.jpg" for c in CIFAR_CLASSES for i in range(2)}
+    with tarfile.open(CIFAR_ARCHIVE) as tar:
+        for member in tar:
+            if member.name in wanted:
+                (tmp_path / member.name).parent.mkdir(parents=True, exist_ok=True)
+                (tmp_path / member.name).write_bytes(tar.extractfile(member).read())
+    files = sorted(str(tmp_path / name) for name in wanted)
+    assert run.main(["predict", str(tmp_path / "teacher.pt"), *files]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    right = sum(Path(line.split(": ")[0]).parent.name == line.split(": ")[1].split()[0] for line in lines)
+    assert len(lines) == 20 and right >= 15, lines  # measured: 19 of 20
+
+
+def test_deploy_without_onnxruntime_stops_before_training_with_one_line(smoke_config, capsys, monkeypatch, tmp_path):
+    import kd
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as on a machine whose Python lacks it
+    for name in ("deploy", "export"):
+        monkeypatch.delitem(sys.modules, f"kd.{name}", raising=False)
+        monkeypatch.delattr(kd, name, raising=False)
+    err = one_error_line(capsys, smoke_config(deploy={"onnx": True}))
+    assert "deploy.onnx" in err and "set deploy.onnx: false" in err, err
+    assert not (tmp_path / "teacher.pt").exists()
+
+
+@MODELS.register("data_dependent")
+class DataDependent(torch.nn.Module):
+    """Trains fine, but branches on a value, which torch.export cannot trace."""
+
+    def __init__(self, in_channels, num_classes, image_size):
+        super().__init__()
+        self.fc = torch.nn.Linear(in_channels * image_size ** 2, num_classes)
+
+    def forward(self, x):
+        y = self.fc(x.flatten(1))
+        return y if y.sum() > 0 else -y
+
+
+def test_a_student_onnx_cannot_take_stops_the_study_before_training(smoke_config, capsys, tmp_path):
+    err = one_error_line(capsys, smoke_config(student={"name": "data_dependent", "kwargs": {}},
+                                              stages=[{"name": "baseline"}], deploy={"onnx": True}))
+    assert "student.name: 'data_dependent' cannot be exported to ONNX (Could not guard on data-dependent" in err, err
+    assert not (tmp_path / "teacher.pt").exists()
