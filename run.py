@@ -97,6 +97,10 @@ def main(argv=None):
         except KDError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except ImportError as e:  # onnx, onnxruntime: needed for ONNX files only
+            print(f"error: run.py {argv[0]} needs onnx, onnxscript and onnxruntime (Pipfile.lock pins them): {e}",
+                  file=sys.stderr)
+            return 2
     args = parse_args(argv)
     try:
         overrides = args.set + ([f"device={args.device}"] if args.device else [])

@@ -1,8 +1,6 @@
 """A model's card: what a deployed model needs to know about itself (architecture, input, normalisation, class
 names, and what made it), stored in its checkpoint and in its ONNX files, so one file rebuilds, feeds and labels
 the model without the study's config."""
-from pathlib import Path
-
 from PIL import Image, UnidentifiedImageError
 
 from .data import eval_transform
@@ -56,7 +54,3 @@ def read_image(path, card):
             "not an image file" if isinstance(e, UnidentifiedImageError) else f"unreadable ({e})"
         raise KDError(f"{path}: {reason}") from None
     return eval_transform(i["image_size"], i["resize"], i["mean"], i["std"])(image)
-
-
-def is_onnx(path):
-    return Path(path).suffix == ".onnx"

@@ -253,6 +253,8 @@ def test_deploy_without_onnxruntime_stops_before_training_with_one_line(smoke_co
     err = one_error_line(capsys, smoke_config(deploy={"onnx": True}))
     assert "deploy.onnx" in err and "set deploy.onnx: false" in err, err
     assert not (tmp_path / "teacher.pt").exists()
+    kd.store.save({"model": cards.build(small_card()).state_dict(), "card": small_card()}, tmp_path / "ok.pt")
+    assert "run.py export needs onnx" in one_line_exit_2(capsys, ["export", str(tmp_path / "ok.pt")])
 
 
 @MODELS.register("data_dependent")
