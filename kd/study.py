@@ -353,6 +353,7 @@ class Study:
         d = self.cfg.deploy
         deploy = deploy_module() if d.onnx else None
         calibration = plain_train_images(self.data, d.calibration_images) if d.onnx and d.int8 else None
+        test = eval_loaders(self.data, self.cfg.data, deploy.CPU)[1] if d.onnx else None  # one loader for all
         rows = {}
         for name, summary in results.items():
             # Fresh, hook-free models with the weights a user would deploy: the teacher's checkpoint (loaded and
@@ -368,7 +369,6 @@ class Study:
             cost = profile(model, self.image_shape, self.device, self.cfg.eval, memory_format)
             rows[name] = {**summary, **cost, "checkpoint_bytes": os.path.getsize(path)}
             if d.onnx:
-                test = eval_loaders(self.data, self.cfg.data, deploy.CPU)[1]
                 rows[name]["deploy"] = deploy.measure(name, model, self.model_card(folder, summary["fingerprint"]),
                                                       self.folder.model(folder), os.path.getsize(path), test,
                                                       calibration, self.cfg.eval)
