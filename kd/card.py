@@ -39,7 +39,11 @@ def load_checkpoint(path):
                       "architecture and input are unknown; run its study again, which adds the card to a finished "
                       "stage's best.pt, or use the model.onnx that deploy.onnx exports")
     model = build(ckpt["card"])
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, TypeError) as e:
+        raise KDError(f"{path}: its weights do not fit the model its card describes "
+                      f"({(str(e).strip().splitlines() or [type(e).__name__])[0][:160]})") from None
     return model.eval(), ckpt["card"]
 
 

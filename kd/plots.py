@@ -15,22 +15,17 @@ MARKERS = {"pytorch": "o", "onnxruntime": "s", "onnxruntime-int8": "^"}
 
 
 def points(report):
-    """{label: (batch-1 latency ms, test top-1 %)}: every model in every runtime of the deployment table (batch 1
-    on one CPU thread), or without one, every model in PyTorch on the study's device."""
-    out = {}
-    for name, row in report["models"].items():
-        for runtime, r in (row.get("deploy") or {"pytorch": row}).items():
-            out[f"{name} ({runtime})"] = (r["latency_b1_ms"], 100 * r["test_top1"])
-    return out
+    """(model index, model, runtime, batch-1 latency ms, test top-1 %): every model in every runtime of the
+    deployment table (batch 1 on one CPU thread), or without one, every model in PyTorch on the study's device."""
+    return [(i, name, runtime, r["latency_b1_ms"], 100 * r["test_top1"])
+            for i, (name, row) in enumerate(report["models"].items())
+            for runtime, r in (row.get("deploy") or {"pytorch": row}).items()]
 
 
 def accuracy_vs_latency(report):
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    models = list(report["models"])
-    for label, (ms, top1) in points(report).items():
-        name, runtime = label.rsplit(" (", 1)
-        ax.scatter(ms, top1, marker=MARKERS.get(runtime[:-1], "o"), s=60, label=label,
-                   color=f"C{models.index(name) % 10}")
+    for i, name, runtime, ms, top1 in points(report):
+        ax.scatter(ms, top1, marker=MARKERS.get(runtime, "o"), s=60, label=f"{name} ({runtime})", color=f"C{i % 10}")
     ax.set_xscale("log")
     ax.set_xlabel("batch-1 latency, ms (log scale)" + (", one CPU thread" if report["meta"].get("deploy") else ""))
     ax.set_ylabel("test top-1, %")
@@ -54,7 +49,8 @@ def curves(run_dir, names):
         epochs = min(len(r) for r in runs)
         mean = lambda e, key: statistics.fmean(float(r[e][key]) for r in runs)
         label = name if len(runs) == 1 else f"{name} (mean of {len(runs)} seeds)"
-        out[label] = [(int(runs[0][e]["epoch"]), mean(e, "train_loss"), 100 * mean(e, "val_top1")) for e in range(epochs)]
+        out[label] = [(int(runs[0][e]["epoch"]), mean(e, "train_loss"), 100 * mean(e, "val_top1"))
+                      for e in range(epochs)]
     return out
 
 

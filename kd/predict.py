@@ -33,5 +33,5 @@ def predict(model_path, images, top=5):
             yield False, f"error: {e}"
             continue
         p, idx = model(x).float().softmax(1)[0].topk(k)
-        top = zip(p.tolist(), idx.tolist())
-        yield True, f"{path}: " + ", ".join(f"{card['classes'][i]} {100 * q:.1f}%" for q, i in top)
+        ranked = zip(p.tolist(), idx.tolist())
+        yield True, f"{path}: " + ", ".join(f"{card['classes'][i]} {100 * q:.1f}%" for q, i in ranked)

@@ -194,8 +194,11 @@ def test_bad_model_and_image_files_get_one_line_each(tmp_path, capsys):
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     (tmp_path / "garbage.onnx").write_bytes(b"not a model")
     kd.store.save({"model": cards.build(small_card()).state_dict()}, tmp_path / "no_card.pt")
+    wider = {**small_card(), "model": {"name": "cnn", "kwargs": {"channels": [16, 32], "blocks": 1}}}
+    kd.store.save({"model": cards.build(small_card()).state_dict(), "card": wider}, tmp_path / "wrong_card.pt")
     for model, says in (("missing.pt", "no such model file"), ("garbage.pt", "is damaged"),
-                        ("garbage.onnx", "not an ONNX file"), ("no_card.pt", "carries no card")):
+                        ("garbage.onnx", "not an ONNX file"), ("no_card.pt", "carries no card"),
+                        ("wrong_card.pt", "weights do not fit the model its card describes")):
         assert says in one_line_exit_2(capsys, ["predict", str(tmp_path / model), str(image)])
     assert "carries no card" in one_line_exit_2(capsys, ["export", str(tmp_path / "no_card.pt")])
 
