@@ -27,7 +27,8 @@ class TeacherCache:
 
     def __init__(self, folder, manifest, device):
         self.folder, self.manifest, self.device = folder, manifest, device
-        self.arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in manifest["arrays"]}
+        self.arrays = {name: place(np.load(folder / f"{name}.npy", mmap_mode="c"), device)
+                       for name in manifest["arrays"]}
 
     @staticmethod
     def locate(cfg, identity, feature_shapes, n, num_classes):
@@ -138,18 +139,29 @@ class TeacherCache:
         return manifest
 
     def lookup(self, view, idx):
-        """Teacher logits (and features) for the samples `idx` as seen in `view`, on the training device."""
-        rows = np.asarray(idx.cpu())
+        """Teacher logits (and features) for the samples `idx` as seen in `view`, on the training device. With the
+        arrays on that device (see `place`) this is a gather there: no host sync, and a graph torch.compile sees."""
         if "logits" in self.arrays:
-            logits = self._fetch("logits", view, rows).float()
+            logits = self._fetch("logits", view, idx).float()
         else:
-            values, classes = self._fetch("topk_values", view, rows).float(), self._fetch("topk_indices", view, rows)
+            values, classes = self._fetch("topk_values", view, idx).float(), self._fetch("topk_indices", view, idx)
             # Classes outside the top-k get a logit far below any kept one: ~zero probability, and no NaN.
-            logits = torch.full((len(rows), self.manifest["num_classes"]), -1e4, device=self.device)
+            logits = torch.full((len(idx), self.manifest["num_classes"]), -1e4, device=self.device)
             logits.scatter_(1, classes.long(), values)
-        features = {name.split(".", 1)[1]: self._fetch(name, view, rows).float()
+        features = {name.split(".", 1)[1]: self._fetch(name, view, idx).float()
                     for name in self.arrays if name.startswith("feature.")}
         return {"logits": logits, "features": features}
 
-    def _fetch(self, name, view, rows):
-        return torch.from_numpy(np.ascontiguousarray(self.arrays[name][view][rows])).to(self.device)
+    def _fetch(self, name, view, idx):
+        array = self.arrays[name]
+        return array[view].index_select(0, idx.to(array.device)).to(self.device, non_blocking=True)
+
+
+def place(array, device):
+    """A cache array as a tensor where lookups are cheapest: the memory-mapped file itself for a CPU run (only the
+    rows a batch uses are read), a copy in the accelerator's memory when it takes at most half of what is free
+    there, else the mapped file, whose rows are gathered on the CPU and copied over every step."""
+    mapped = torch.from_numpy(array)  # copy-on-write map: writable for torch, the file is never changed
+    if device.type == "cpu" or device.type == "cuda" and mapped.nbytes > torch.cuda.mem_get_info(device)[0] // 2:
+        return mapped
+    return mapped.to(device)

@@ -15,20 +15,19 @@ from .device import autocast, synchronize
 @torch.inference_mode()
 def accuracy(model, loader, device, amp="off", memory_format=torch.preserve_format):
     """Top-1, top-5 and mean cross-entropy over a loader. Top-5 is None with 5 classes or fewer, where it would be
-    a trivial 100%."""
+    a trivial 100%. The sums stay on the device and are read once, at the end: no GPU sync per batch."""
     model.eval()
-    top1 = top5 = loss = n = 0
-    classes = None
+    sums, n, classes = torch.zeros(3, dtype=torch.float64, device=device), 0, None
     for x, y, *_ in loader:  # the tensor pipeline also yields sample indices
         x, y = x.to(device, non_blocking=True, memory_format=memory_format), y.to(device, non_blocking=True)
         with autocast(device, amp):
             logits = model(x).float()
         classes = logits.shape[1]
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
         ranked = logits.topk(min(5, classes), dim=1).indices
-        top1 += (ranked[:, 0] == y).sum().item()
-        top5 += (ranked == y[:, None]).any(1).sum().item()
-        n += y.numel()
+        sums += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(), (ranked[:, 0] == y).sum().double(),
+                             (ranked == y[:, None]).any(1).sum().double()])
+        n += y.numel()  # known on the host: a tensor made from it would be a copy to the device, and a sync
+    loss, top1, top5 = sums.tolist()
     return {"top1": top1 / n, "top5": top5 / n if classes > 5 else None, "loss": loss / n}
 
 

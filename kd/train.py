@@ -143,7 +143,7 @@ class Trainer:
         every `SYNC_EVERY` steps, for the progress bar and the finite-loss check."""
         self.distiller.train()
         self.train_loader.set_epoch(self.epoch)  # order, augmentation view and shard are functions of the epoch
-        sums, start = None, time.perf_counter()
+        sums, seen, start = None, 0, time.perf_counter()
         bar = Progress(self.train_loader, f"[{self.name}] epoch {self.epoch + 1}/{self.cfg.epochs}")
         for step, batch in enumerate(bar, 1):
             batch = batch.to(self.device, self.memory_format)
@@ -159,18 +159,19 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
-            n = batch.labels.numel()
-            counts = torch.stack([torch.tensor(float(n), device=self.device),
-                                  (logits.argmax(1) == batch.labels).sum().float(),
+            n = batch.labels.numel()  # known on the host: counted there, as a tensor it would cost a sync
+            seen += n
+            counts = torch.stack([(logits.argmax(1) == batch.labels).sum().float(),
                                   *(v.detach().float() * n for v in terms.values())])
             sums = counts if sums is None else sums + counts
             if step % SYNC_EVERY == 0 or step == len(self.train_loader):
-                seen, correct, total_loss = sums[0].item(), sums[1].item(), sums[2 + list(terms).index("loss")].item()
+                correct, total_loss = sums[[0, 1 + list(terms).index("loss")]].tolist()
                 if not math.isfinite(total_loss):
                     raise KDError(f"[{self.name}] the loss became {total_loss / seen} in epoch {self.epoch + 1}; "
                                   "lower the learning rate or set train.grad_clip")
                 bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}",
                                 img_s=f"{seen / (time.perf_counter() - start):.0f}")
+        sums = torch.cat([sums.new_tensor([seen]), sums])
         if dist.is_initialized():
             dist.all_reduce(sums)
         elapsed = time.perf_counter() - start

@@ -8,6 +8,7 @@ import yaml
 
 import kd.store
 import run
+from kd.cache import TeacherCache
 from kd.config import Config, from_dict
 from kd.data import train_loader
 from kd.device import autocast
@@ -95,6 +96,33 @@ def test_other_view_would_not_match(make_study):
     loader.set_epoch(0)
     x, _, idx, _ = next(iter(loader))
     assert not torch.allclose(cache.lookup(1, idx)["features"]["stages.1"], live_teacher(study, x)[1], atol=1e-2)
+
+
+@pytest.mark.parametrize("topk", [None, 3])
+def test_lookups_stay_on_the_training_device(make_study, topk):
+    """A cache opened for an accelerator is copied there and gathered there: no index goes back to the host (a
+    sync every step on a GPU). `meta` stands in for the accelerator: a tensor on it cannot be copied to the CPU."""
+    study = make_study(cache={"mode": "logits+features", "views": 2, "topk": topk})
+    cache = study.teacher_cache()
+    on_meta = TeacherCache(cache.folder, cache.manifest, torch.device("meta"))
+    idx = torch.arange(5)
+    out = on_meta.lookup(1, idx.to("meta"))
+    expected = cache.lookup(1, idx)
+    assert out["logits"].device.type == "meta" and out["logits"].shape == expected["logits"].shape
+    assert out["features"]["stages.1"].shape == expected["features"]["stages.1"].shape
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_on_a_gpu_the_cache_is_copied_there_when_it_fits_and_read_from_its_file_when_not(make_study, monkeypatch):
+    study = make_study()
+    cache = study.teacher_cache()
+    assert {a.device.type for a in cache.arrays.values()} == {"cuda"}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 0))
+    mapped = TeacherCache(cache.folder, cache.manifest, study.device)
+    assert {a.device.type for a in mapped.arrays.values()} == {"cpu"}
+    idx = torch.arange(5, device=study.device)
+    resident, read = cache.lookup(1, idx), mapped.lookup(1, idx)
+    assert read["logits"].device == study.device and torch.equal(resident["logits"], read["logits"])
 
 
 @pytest.mark.parametrize("amp", ["off", "bf16"])
