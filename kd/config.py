@@ -47,6 +47,8 @@ def load_yaml(text):
     return yaml.load(text, Loader=YAMLLoader)
 
 
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")  # torch.compile's
+
 # Marks a field that never changes a result (paths, workers, evaluation batch sizes). Run identity
 # (`to_dict(cfg, "results")`) is every other field, so a new setting changes identity unless marked here.
 NOT_RESULT = {"result": False}
@@ -118,6 +120,7 @@ class TrainConfig:
     grad_clip: float | None = None  # max global gradient norm; None = no clipping
     amp: str = "auto"  # auto (bf16 where the hardware runs it natively, else off) | off | bf16 | fp16 (CUDA only)
     channels_last: bool = False
+    compile: str = "off"  # off | torch.compile's mode: default | reduce-overhead (CUDA graphs) | max-autotune | ...
 
     def validate(self, key):
         _check(self.epochs >= 0, f"{key}.epochs", "must be >= 0", self.epochs)
@@ -134,6 +137,7 @@ class TrainConfig:
         _check(0 <= self.label_smoothing < 1, f"{key}.label_smoothing", "must be in [0, 1)", self.label_smoothing)
         _check(self.grad_clip is None or self.grad_clip > 0, f"{key}.grad_clip", "must be > 0 or null", self.grad_clip)
         _choice(self.amp, ("auto", "off", "bf16", "fp16"), f"{key}.amp")
+        _choice(self.compile, COMPILE_MODES, f"{key}.compile")
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The errors a user can fix, and how one becomes a single line: which config key, which file and line."""
 import contextlib
 import difflib
+import re
 import sysconfig
 import traceback
 from pathlib import Path
@@ -55,3 +56,10 @@ def describe(exc):
         where = f" ({path}:{own[-1].lineno})"
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {message}{where}"
+
+
+def first_line(error):
+    """The reason, in one line: torch's exporter and compiler wrap the error that says why in one that says which
+    step failed; ANSI colours stripped."""
+    error = error.__cause__ or getattr(error, "inner_exception", None) or error  # the latter: a compiler backend's
+    return re.sub(r"\x1b\[[0-9;]*m", "", (str(error).strip().splitlines() or [type(error).__name__])[0])[:160]

@@ -4,7 +4,6 @@ import contextlib
 import io
 import json
 import logging
-import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -17,7 +16,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from .card import load_checkpoint, read_image
-from .errors import KDError
+from .errors import KDError, first_line
 from .store import atomic
 
 OPSET = 18  # the torch.export-based exporter's lowest: the widest range of onnxruntime releases runs it
@@ -37,12 +36,6 @@ def export(model, card, path):
     except Exception as e:  # the exporter fails in many ways on models it cannot trace or translate
         raise KDError(f"'{card['model']['name']}' cannot be exported to ONNX ({first_line(e)})") from None
     save(program.model_proto, card, path)
-
-
-def first_line(error):
-    """The reason, in one line: the exporter wraps the error that says why in one that says which step failed."""
-    error = error.__cause__ or error
-    return re.sub(r"\x1b\[[0-9;]*m", "", (str(error).strip().splitlines() or [type(error).__name__])[0])[:160]
 
 
 def save(proto, card, path):

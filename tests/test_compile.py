@@ -1,0 +1,49 @@
+"""`train.compile`: the distillation step as compiled graphs (teacher-cache lookup and feature taps inside, no graph
+break), training as the eager step does, and a compiler that fails as one line naming the key."""
+import csv
+
+import pytest
+import torch
+import yaml
+from torch._dynamo.utils import counters
+
+import kd.train
+import run
+from test_cache import make_config  # noqa: F401  (fixture)
+
+
+def metrics(tmp_path, name):
+    with open(tmp_path / "runs" / name / "kdf" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def study(tmp_path, make_config, name, compile_mode):  # noqa: F811
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(make_config(name=name, train={"epochs": 2, "compile": compile_mode})))
+    return run.main(["--config", str(path), "--device", "cpu"])
+
+
+def test_the_compiled_step_trains_as_the_eager_one_in_one_graph(make_config, tmp_path):  # noqa: F811
+    assert study(tmp_path, make_config, "eager", "off") == 0
+    torch._dynamo.reset()
+    counters.clear()
+    assert study(tmp_path, make_config, "compiled", "default") == 0
+    assert counters["stats"]["unique_graphs"] > 0, "nothing was compiled"
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    eager, compiled = metrics(tmp_path, "eager"), metrics(tmp_path, "compiled")
+    assert len(eager) == len(compiled) == 2
+    for a, b in zip(eager, compiled):
+        for key in ("train_loss", "train_ce", "train_logit", "train_feat0"):
+            assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-3), key
+
+
+def test_a_compiler_failure_is_one_line_naming_the_key(make_config, tmp_path, monkeypatch, capsys):  # noqa: F811
+    def no_compiler(graph, example_inputs):
+        raise RuntimeError("no C++ compiler found")
+    compile_ = torch.compile
+    monkeypatch.setattr(kd.train.torch, "compile", lambda model, mode=None: compile_(model, backend=no_compiler))
+    torch._dynamo.reset()
+    assert study(tmp_path, make_config, "broken", "default") == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "train.compile: torch.compile (mode 'default') failed in kdf: no C++ compiler found; set it to off" in err
