@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .config import to_dict
-from .device import autocast
+from .device import autocast, memory_format
 from .errors import ConfigError, KDError
 from .log import Progress, info
 from .store import file_digest, fingerprint, free_bytes, read_json, write_json
@@ -62,12 +62,12 @@ class TeacherCache:
                               "or use cache: logits")
 
     @classmethod
-    def open_or_build(cls, folder, plan, teacher, taps, loader, num_classes, device, amp):
+    def open_or_build(cls, folder, plan, teacher, taps, loader, num_classes, device, train_cfg):
         """Reuse the intact cache in `folder`, build it otherwise. `loader` is the students' training loader,
         unshuffled: the cache records the very pixels they train on."""
         manifest = cls.read_valid_manifest(folder, plan)
         if manifest is None:
-            manifest = cls.build(folder, plan, teacher, taps, loader, num_classes, device, amp)
+            manifest = cls.build(folder, plan, teacher, taps, loader, num_classes, device, train_cfg)
         return cls(folder, manifest, device)
 
     @staticmethod
@@ -97,9 +97,9 @@ class TeacherCache:
         return manifest
 
     @classmethod
-    def build(cls, folder, plan, teacher, taps, loader, num_classes, device, amp):
-        """One teacher pass per view over `loader`, in inference mode and in the students' precision (`amp`), as
-        a live teacher would run inside their training step."""
+    def build(cls, folder, plan, teacher, taps, loader, num_classes, device, train_cfg):
+        """One teacher pass per view over `loader`, in inference mode, in the students' precision and memory
+        format (`train_cfg`), as a live teacher would run inside their training step."""
         cls.ensure_room(folder, plan)
         views = next(iter(plan.values()))[0][0]
         info(f"[cache] building {cls.nbytes(plan) / 2**20:.1f} MiB of teacher outputs in {folder} ({views} views)")
@@ -117,8 +117,8 @@ class TeacherCache:
             loader.set_epoch(view)
             for batch in Progress(loader, f"[cache] view {view + 1}/{views}"):
                 rows = batch.index.cpu().numpy()
-                with torch.inference_mode(), autocast(device, amp):
-                    logits = teacher(batch.images).float()
+                with torch.inference_mode(), autocast(device, train_cfg.amp):
+                    logits = teacher(batch.images.to(memory_format=memory_format(train_cfg))).float()
                 features = taps.take()
                 if "logits" in arrays:
                     arrays["logits"][view, rows] = logits.cpu().numpy()

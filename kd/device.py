@@ -75,6 +75,11 @@ def autocast(device, amp):
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
+def memory_format(train_cfg):
+    """The layout a recipe trains and is measured in: NHWC with `channels_last`, else the tensor's own."""
+    return torch.channels_last if train_cfg.channels_last else torch.preserve_format
+
+
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -8,7 +8,7 @@ import copy
 
 import torch
 
-from .device import autocast
+from .device import autocast, memory_format
 from .errors import ConfigError, blame
 from .tensor_data import Batch
 
@@ -21,11 +21,10 @@ def dry_step(distiller, sample, device, train_cfg, key, student_key="student"):
     learnable = distiller.learnable()
     saved = copy.deepcopy(learnable.state_dict())
     x, y = sample
-    memory_format = torch.channels_last if train_cfg.channels_last else torch.preserve_format
     try:
         with blame([(m, k) for m, _, k in parts], key, f"a training step on {len(y)} validation images failed"):
             distiller.to(device).train()
-            batch = Batch(x, y, torch.arange(len(y))).to(device, memory_format)
+            batch = Batch(x, y, torch.arange(len(y))).to(device, memory_format(train_cfg))
             with autocast(device, train_cfg.amp):
                 _, terms = distiller(batch)
             for _, term, part_key in parts:

@@ -13,7 +13,7 @@ from . import card as cards
 from .cache import TeacherCache
 from .config import StageConfig, to_dict, validate_runtime
 from .data import build_data, eval_loaders, plain_train_images, sample_batch, train_loader
-from .device import barrier, resolve_amp, setup
+from .device import barrier, memory_format, resolve_amp, setup
 from .distiller import Distiller, Taps, feature_layers
 from .errors import ConfigError, KDError
 from .evaluate import accuracy, profile
@@ -303,7 +303,7 @@ class Study:
             loader = train_loader(self.data, self.cfg.data, self.device, self.cfg.seed, views=c.views, shuffle=False,
                                   batch_size=c.batch_size)
             self._cache = TeacherCache.open_or_build(folder, plan, self.teacher, self.teacher_taps, loader,
-                                                     self.data.num_classes, self.device, self.cfg.train.amp)
+                                                     self.data.num_classes, self.device, self.cfg.train)
         return self._cache
 
     def model_card(self, name, key):
@@ -349,7 +349,6 @@ class Study:
     def profile_all(self, results):
         """Teacher and students measured in one process, one after another, on the same inputs and settings; with
         deploy.onnx, each also exported and measured in every CPU runtime (kd/deploy.py)."""
-        memory_format = torch.channels_last if self.cfg.train.channels_last else torch.preserve_format
         d = self.cfg.deploy
         deploy = deploy_module() if d.onnx else None
         calibration = plain_train_images(self.data, d.calibration_images) if d.onnx and d.int8 else None
@@ -366,7 +365,7 @@ class Study:
                 path, folder = self.folder.root / summary["checkpoint"], Path(summary["checkpoint"]).parent.as_posix()
                 model.load_state_dict(self.folder.load_best(folder, summary["fingerprint"])["model"])
             info(f"[{name}] measuring inference cost on {self.device}")
-            cost = profile(model, self.image_shape, self.device, self.cfg.eval, memory_format)
+            cost = profile(model, self.image_shape, self.device, self.cfg.eval, memory_format(self.cfg.train))
             rows[name] = {**summary, **cost, "checkpoint_bytes": os.path.getsize(path)}
             if d.onnx:
                 rows[name]["deploy"] = deploy.measure(name, model, self.model_card(folder, summary["fingerprint"]),

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .device import autocast, barrier, is_main
+from .device import autocast, barrier, is_main, memory_format
 from .errors import ConfigError, KDError, first_line
 from .evaluate import accuracy
 from .log import Progress, info
@@ -22,7 +22,7 @@ SYNC_EVERY = 50
 
 def make_optimizer(params, cfg, device):
     """Fused (one kernel for all parameters) on CUDA, where PyTorch documents it as its fastest implementation;
-    the default (foreach) on the CPU, where fused measured no faster (kd/README: Speed on a GPU)."""
+    the default (foreach) on the CPU, where fused measured no faster (README: Speed on a GPU)."""
     fused = device.type == "cuda" or None
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
@@ -93,7 +93,7 @@ class Trainer:
         self.optimizer = make_optimizer([p for p in self.learnable.parameters() if p.requires_grad], cfg, device)
         self.scheduler = make_scheduler(self.optimizer, cfg, len(self.train_loader))
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-        self.memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
+        self.memory_format = memory_format(cfg)
         self.epoch, self.best, self.history = 0, {"val_top1": -1.0, "epoch": 0}, []
         seed_everything(seed)
 
