@@ -1,6 +1,7 @@
 """Benchmark: what distillation costs compared with training the student alone.
 
     python bench.py --config configs/fashion_mnist.yaml [--epochs 2] [--seeds 0 1] [--set key=value ...]
+                    [--stage NAME] [--variants alone live ...] [--modes off reduce-overhead ...]
     python bench.py --config configs/fashion_mnist.yaml --formats [--compile]
 
 In one process, with the config's recipe and the same seed, the student is trained:
@@ -8,9 +9,11 @@ In one process, with the config's recipe and the same seed, the student is train
   alone_loader  labels only, torch DataLoader with per-image transforms (one epoch: pipeline throughput only)
   live          distilled with the teacher's forward pass on every step (what torchdistill, mdistiller do)
   cached        distilled from the teacher-output cache, built first in a fresh folder (its cost is reported apart)
-using the first stage with a logit method (or --stage). Throughput is whole training epochs (data, augmentation,
-teacher or cache lookup, forward, backward, step), validation excluded. The teacher checkpoint must exist: run
-the study first. Results go to <output_dir>/<name>_bench/ (bench.md, bench.json) and are printed.
+using the first stage with a logit method (or --stage), for each train.compile mode in --modes (default: the
+config's). Throughput is whole training epochs (data, augmentation, teacher or cache lookup, forward, backward,
+step), validation excluded: the mean over epochs, and the last epoch's alone (steady state: compiling happens in
+the first). The teacher checkpoint must exist: run the study first. Results go to <output_dir>/<name>_bench/
+(bench.md, bench.json) and are printed.
 
 --formats instead times the forward-pass options on the config's models and batch size: the teacher's
 inference (what building the cache or a live teacher costs) and one student training step, in fp32 and bf16
@@ -27,15 +30,20 @@ import sys
 import time
 from pathlib import Path
 
+import csv
+
 import torch
 
-from kd.config import load_config
+from kd.config import COMPILE_MODES, load_config
 from kd.device import autocast
 from kd.distiller import Distiller
 from kd.errors import ConfigError, KDError
 from kd.evaluate import timed
 from kd.report import device_name
-from kd.store import BEST
+from kd.store import BEST, METRICS
+from kd.train import make_optimizer
+
+VARIANTS = ("alone", "alone_loader", "live", "cached")
 
 
 def positive(text):
@@ -52,6 +60,8 @@ def parse_args(argv):
     p.add_argument("--epochs", type=int, help="override train.epochs for every variant")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds to repeat live and cached over (default: the config's)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="what to train (default: all)")
+    p.add_argument("--modes", nargs="+", choices=COMPILE_MODES, help="train.compile modes to time (default: the config's)")
     p.add_argument("--formats", action="store_true", help="time fp32/bf16, channels_last (and --compile) instead")
     p.add_argument("--compile", action="store_true", help="with --formats: also time torch.compile'd models")
     p.add_argument("--repeats", type=positive, default=10, help="with --formats: timed repeats per variant")
@@ -75,21 +85,24 @@ def cache_mode(stage):
     return "logits+features" if stage.features else "logits"
 
 
-def train_variant(study, variant, stage, seed, cache=None):
-    """Train one fresh student of `seed` (`stage` None: labels only); return its training throughput and test
-    accuracy."""
-    name = f"{variant}_s{seed}"
+def train_variant(study, variant, stage, seed, mode, cache=None):
+    """Train one fresh student of `seed` (`stage` None: labels only) with train.compile `mode`; return its training
+    throughput (mean over epochs, and the last epoch's) and test accuracy."""
+    name = f"{variant}_{mode}_s{seed}"
     distiller = Distiller(study.new_model(study.cfg.student, "student", seed),
                           label_smoothing=study.cfg.train.label_smoothing) if stage is None \
         else study.new_distiller(stage, seed, cache)
-    trained = study.fit(name, distiller, study.cfg.train, key=name, seed=seed,
+    trained = study.fit(name, distiller, dataclasses.replace(study.cfg.train, compile=mode), key=name, seed=seed,
                         views=study.cfg.cache.views if cache else None)
     result = study.finish(name, distiller.student, name, f"{name}/{BEST}", trained)
-    return {"variant": variant, "seed": seed, "epoch_seconds": trained["epoch_seconds"],
-            "images_per_s": trained["train_images_per_s"], "test_top1": result.test_top1}
+    with open(study.folder.model(name) / METRICS) as f:
+        last = list(csv.DictReader(f))[-1]
+    return {"variant": variant, "compile": mode, "seed": seed, "epoch_seconds": trained["epoch_seconds"],
+            "images_per_s": trained["train_images_per_s"], "last_images_per_s": float(last["train_images_per_s"]),
+            "test_top1": result.test_top1}
 
 
-def run(cfg, stage, seeds):
+def run(cfg, stage, seeds, variants, modes):
     """Students of each seed share the study's teacher, augmentation and so its cache, built (and timed) once."""
     from kd.study import Study
     if not os.path.exists(cfg.teacher.checkpoint):
@@ -102,43 +115,61 @@ def run(cfg, stage, seeds):
                           f"'{cfg.data.dataset}' with pipeline '{cfg.data.pipeline}' runs on a DataLoader")
     study.obtain_teacher()
     study.teacher.requires_grad_(False)
-    loader_study = Study(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, pipeline="loader"),
-                                             train=dataclasses.replace(cfg.train, epochs=1),
-                                             cache=dataclasses.replace(cfg.cache, mode="off")))
-    rows = [train_variant(study, "alone", None, seeds[0]),
-            {**train_variant(loader_study, "alone_loader", None, seeds[0]), "test_top1": None}]
-    build = None
-    for seed in seeds:
-        rows.append(train_variant(study, "live", stage, seed))
-        if build is None:
-            start = time.perf_counter()
-            study.teacher_cache(mode=cache_mode(stage))
-            build = time.perf_counter() - start
-        rows.append(train_variant(study, "cached", stage, seed, study.teacher_cache()))
+    rows, build = [], None
+    for mode in modes:
+        if "alone" in variants:
+            rows.append(train_variant(study, "alone", None, seeds[0], mode))
+        if "alone_loader" in variants:
+            loader_study = Study(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, pipeline="loader"),
+                                                     train=dataclasses.replace(cfg.train, epochs=1),
+                                                     cache=dataclasses.replace(cfg.cache, mode="off")))
+            rows.append({**train_variant(loader_study, "alone_loader", None, seeds[0], mode), "test_top1": None})
+        for seed in seeds:
+            if "live" in variants:
+                rows.append(train_variant(study, "live", stage, seed, mode))
+            if "cached" in variants:
+                if build is None:
+                    start = time.perf_counter()
+                    study.teacher_cache(mode=cache_mode(stage))
+                    build = time.perf_counter() - start
+                rows.append(train_variant(study, "cached", stage, seed, mode, study.teacher_cache()))
     return study, rows, build
 
 
 def summarize(study, stage, rows, build):
-    alone = next(r for r in rows if r["variant"] == "alone")
-    by = {v: [r for r in rows if r["variant"] == v] for v in ("alone", "alone_loader", "live", "cached")}
+    seeds = sorted({r["seed"] for r in rows})
     lines = [f"Benchmark of stage `{stage.name}` ({study.cfg.train.epochs} epochs, {len(study.data.train)} training "
-             f"images, seeds {sorted({r['seed'] for r in rows})}) on {device_name(study.device)}, torch "
-             f"{torch.__version__}.", "",
-             "| variant | epoch s | images/s | epoch time vs alone | test top-1 |", "|---|---|---|---|---|"]
-    for variant, runs in by.items():
-        tops = [r["test_top1"] for r in runs if r["test_top1"] is not None]
-        acc = "-" if not tops else f"{100 * statistics.fmean(tops):.2f}" + (
-            f" +- {100 * statistics.stdev(tops):.2f}" if len(tops) > 1 else "")
-        epoch = statistics.fmean(r["epoch_seconds"] for r in runs)
-        lines.append(f"| {variant} | {epoch:.1f} | {statistics.fmean(r['images_per_s'] for r in runs):.0f} | "
-                     f"{epoch / alone['epoch_seconds']:.2f}x | {acc} |")
-    live = statistics.fmean(r["epoch_seconds"] for r in by["live"])
-    cached = statistics.fmean(r["epoch_seconds"] for r in by["cached"])
-    loader = by["alone_loader"][0]["epoch_seconds"]
-    lines += ["", f"- live / alone (b/a): {live / alone['epoch_seconds']:.2f}x; cached / alone (c/a): "
-                  f"{cached / alone['epoch_seconds']:.2f}x; live / cached (b/c): {live / cached:.2f}x",
-              f"- cache build (one-off, {study.cfg.cache.views} views, mode {cache_mode(stage)}): {build:.1f} s",
-              f"- student alone, DataLoader epoch / tensor-pipeline epoch: {loader / alone['epoch_seconds']:.2f}x"]
+             f"images, seeds {seeds}) on {device_name(study.device)}, torch {torch.__version__}.", "",
+             "| variant | train.compile | epoch s | images/s | last epoch images/s | epoch time vs alone | test top-1 |",
+             "|---|---|---|---|---|---|---|"]
+    mean = lambda runs, key: statistics.fmean(r[key] for r in runs)
+    for mode in dict.fromkeys(r["compile"] for r in rows):
+        by = {v: [r for r in rows if r["variant"] == v and r["compile"] == mode] for v in VARIANTS}
+        by = {v: runs for v, runs in by.items() if runs}
+        alone = mean(by["alone"], "epoch_seconds") if "alone" in by else None
+        for variant, runs in by.items():
+            tops = [r["test_top1"] for r in runs if r["test_top1"] is not None]
+            acc = "-" if not tops else f"{100 * statistics.fmean(tops):.2f}" + (
+                f" +- {100 * statistics.stdev(tops):.2f}" if len(tops) > 1 else "")
+            epoch = mean(runs, "epoch_seconds")
+            ratio = f"{epoch / alone:.2f}x" if alone else "-"
+            lines.append(f"| {variant} | {mode} | {epoch:.1f} | {mean(runs, 'images_per_s'):.0f} | "
+                         f"{mean(runs, 'last_images_per_s'):.0f} | {ratio} | {acc} |")
+        ratios = []
+        if alone and "live" in by:
+            ratios.append(f"live / alone (b/a): {mean(by['live'], 'epoch_seconds') / alone:.2f}x")
+        if alone and "cached" in by:
+            ratios.append(f"cached / alone (c/a): {mean(by['cached'], 'epoch_seconds') / alone:.2f}x")
+        if "live" in by and "cached" in by:
+            ratios.append(f"live / cached (b/c): "
+                          f"{mean(by['live'], 'epoch_seconds') / mean(by['cached'], 'epoch_seconds'):.2f}x")
+        if alone and "alone_loader" in by:
+            ratios.append(f"student alone, DataLoader epoch / tensor-pipeline epoch: "
+                          f"{by['alone_loader'][0]['epoch_seconds'] / alone:.2f}x")
+        if ratios:
+            lines += ["", f"- compile {mode}: " + "; ".join(ratios)]
+    if build is not None:
+        lines.append(f"- cache build (one-off, {study.cfg.cache.views} views, mode {cache_mode(stage)}): {build:.1f} s")
     return "\n".join(lines) + "\n"
 
 
@@ -156,7 +187,6 @@ def formats(cfg, compile_too, repeats):
                 fmt = torch.channels_last if channels_last else torch.contiguous_format
                 teacher = study.new_model(cfg.teacher, "teacher").to(device, memory_format=fmt).eval()
                 student = study.new_model(cfg.student, "student").to(device, memory_format=fmt).train()
-                optimizer = torch.optim.SGD(student.parameters(), lr=1e-3, momentum=0.9)
                 run_teacher, run_student = (torch.compile(teacher), torch.compile(student)) if compiled \
                     else (teacher, student)
                 xf = x.contiguous(memory_format=fmt)
@@ -165,7 +195,7 @@ def formats(cfg, compile_too, repeats):
                     with torch.inference_mode(), autocast(device, amp):
                         run_teacher(xf)
 
-                def train_step():
+                def train_step(optimizer):
                     with autocast(device, amp):
                         loss = torch.nn.functional.cross_entropy(run_student(xf).float(), y)
                     optimizer.zero_grad(set_to_none=True)
@@ -174,19 +204,24 @@ def formats(cfg, compile_too, repeats):
                 warmup = 3 if compiled else 2  # the first compiled calls compile
                 rate = lambda fn: batch / statistics.median(timed(fn, device, warmup, repeats))
                 rows.append({"amp": amp, "channels_last": channels_last, "compile": compiled,
-                             "teacher_infer_images_per_s": rate(infer), "student_train_images_per_s": rate(train_step)})
+                             "teacher_infer_images_per_s": rate(infer)})
+                for fused, key in ((False, "student_train_images_per_s"), (True, "student_train_fused_images_per_s")):
+                    optimizer = make_optimizer(student.parameters(), cfg.train, fused)  # the recipe's, as trained
+                    rows[-1][key] = rate(lambda: train_step(optimizer))
                 print(rows[-1])
     base = rows[0]
     lines = [f"Forward-pass options at batch {batch} on {device_name(device)}, torch {torch.__version__}; "
-             f"{cfg.teacher.name} teacher inference and {cfg.student.name} student training step, input "
-             f"{tuple(study.image_shape)}, median of {repeats} repeats.", "",
-             "| amp | channels_last | compile | teacher infer img/s | vs fp32 | student train img/s | vs fp32 |",
-             "|---|---|---|---|---|---|---|"]
+             f"{cfg.teacher.name} teacher inference and {cfg.student.name} student training step (the recipe's "
+             f"optimizer, default and fused), input {tuple(study.image_shape)}, median of {repeats} repeats.", "",
+             "| amp | channels_last | compile | teacher infer img/s | vs fp32 | student train img/s | vs fp32 | "
+             "fused optimizer img/s | vs fp32 |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        t, s = r["teacher_infer_images_per_s"], r["student_train_images_per_s"]
+        t, s, f = (r["teacher_infer_images_per_s"], r["student_train_images_per_s"],
+                   r["student_train_fused_images_per_s"])
+        s0 = base["student_train_images_per_s"]
         lines.append(f"| {r['amp']} | {r['channels_last']} | {r['compile']} | {t:.0f} | "
-                     f"{t / base['teacher_infer_images_per_s']:.2f}x | {s:.0f} | "
-                     f"{s / base['student_train_images_per_s']:.2f}x |")
+                     f"{t / base['teacher_infer_images_per_s']:.2f}x | {s:.0f} | {s / s0:.2f}x | {f:.0f} | "
+                     f"{f / s0:.2f}x |")
     return rows, "\n".join(lines) + "\n"
 
 
@@ -201,7 +236,7 @@ def main(argv=None):
             (cfg.run_dir / "formats.md").write_text(text)
             print("\n" + text)
             return 0
-        study, rows, build = run(cfg, stage, args.seeds or [cfg.seed])
+        study, rows, build = run(cfg, stage, args.seeds or [cfg.seed], args.variants, args.modes or [cfg.train.compile])
     except ConfigError as e:
         print(f"error: {args.config}: {e}", file=sys.stderr)
         return 2

@@ -20,10 +20,14 @@ from .store import BEST, LAST, METRICS, atomic, load, save
 SYNC_EVERY = 50
 
 
-def make_optimizer(params, cfg, device):
-    """Fused (one kernel for all parameters) on CUDA, where PyTorch documents it as its fastest implementation;
-    the default (foreach) on the CPU, where fused measured no faster (README: Speed on a GPU)."""
-    fused = device.type == "cuda" or None
+def fused_optimizer(device):
+    """Fused optimizers (one kernel for every parameter) on CUDA, where PyTorch documents them as its fastest
+    implementation; the default (foreach) on the CPU, where fused measured no faster (README: Speed on a GPU)."""
+    return device.type == "cuda"
+
+
+def make_optimizer(params, cfg, fused=False):
+    fused = fused or None  # None: torch's default implementation
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
                                weight_decay=cfg.weight_decay, fused=fused)
@@ -90,7 +94,8 @@ class Trainer:
         self.out_dir, self.fingerprint = Path(out_dir), fingerprint
         self.generator = self.train_loader.generator  # the loader's RNG state, if any, for exact resume
         self.learnable = distiller.learnable()
-        self.optimizer = make_optimizer([p for p in self.learnable.parameters() if p.requires_grad], cfg, device)
+        self.optimizer = make_optimizer([p for p in self.learnable.parameters() if p.requires_grad], cfg,
+                                        fused_optimizer(device))
         self.scheduler = make_scheduler(self.optimizer, cfg, len(self.train_loader))
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         self.memory_format = memory_format(cfg)

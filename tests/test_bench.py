@@ -24,6 +24,20 @@ def test_bench_trains_all_variants_and_reports_ratios(make_study, make_config, t
     assert "| cached |" in out and "+-" in out and "cache build" in out
 
 
+def test_bench_times_the_chosen_variants_in_each_compile_mode(make_study, make_config, tmp_path, capsys):
+    make_study()
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(make_config()))
+    assert bench.main(["--config", str(path), "--epochs", "2", "--variants", "alone", "cached", "--modes", "off",
+                       "default", "--device", "cpu"]) == 0
+    rows = json.loads((tmp_path / "runs" / "c_bench" / "bench.json").read_text())
+    assert [(r["variant"], r["compile"]) for r in rows] == [("alone", "off"), ("cached", "off"), ("alone", "default"),
+                                                            ("cached", "default")]
+    assert all(r["last_images_per_s"] > 0 for r in rows)
+    out = capsys.readouterr().out
+    assert "| cached | default |" in out and "- compile default: cached / alone (c/a)" in out
+
+
 def test_bench_needs_the_teacher_checkpoint(make_config, tmp_path, capsys):
     path = tmp_path / "bench.yaml"
     path.write_text(yaml.safe_dump(make_config()))
@@ -38,5 +52,6 @@ def test_bench_formats_times_every_precision_and_memory_format(make_config, tmp_
     rows = json.loads((tmp_path / "runs" / "c_bench" / "formats.json").read_text())
     assert [(r["amp"], r["channels_last"]) for r in rows] == [("off", False), ("off", True), ("bf16", False),
                                                               ("bf16", True)]
-    assert all(r["teacher_infer_images_per_s"] > 0 and r["student_train_images_per_s"] > 0 for r in rows)
+    assert all(r["teacher_infer_images_per_s"] > 0 and r["student_train_images_per_s"] > 0
+               and r["student_train_fused_images_per_s"] > 0 for r in rows)
     assert "| bf16 | True | False |" in capsys.readouterr().out
