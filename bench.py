@@ -143,6 +143,7 @@ def summarize(study, stage, rows, build):
              "| variant | train.compile | epoch s | images/s | last epoch images/s | epoch time vs alone | test top-1 |",
              "|---|---|---|---|---|---|---|"]
     mean = lambda runs, key: statistics.fmean(r[key] for r in runs)
+    notes = []
     for mode in dict.fromkeys(r["compile"] for r in rows):
         by = {v: [r for r in rows if r["variant"] == v and r["compile"] == mode] for v in VARIANTS}
         by = {v: runs for v, runs in by.items() if runs}
@@ -167,7 +168,8 @@ def summarize(study, stage, rows, build):
             ratios.append(f"student alone, DataLoader epoch / tensor-pipeline epoch: "
                           f"{by['alone_loader'][0]['epoch_seconds'] / alone:.2f}x")
         if ratios:
-            lines += ["", f"- compile {mode}: " + "; ".join(ratios)]
+            notes.append(f"- compile {mode}: " + "; ".join(ratios))
+    lines += [""] + notes
     if build is not None:
         lines.append(f"- cache build (one-off, {study.cfg.cache.views} views, mode {cache_mode(stage)}): {build:.1f} s")
     return "\n".join(lines) + "\n"
