@@ -153,8 +153,11 @@ class TeacherCache:
         return {"logits": logits, "features": features}
 
     def _fetch(self, name, view, idx):
+        """Rows `idx` of view `view` (an int, or a tensor on idx's device: then a compiled step does not recompile
+        for each view)."""
         array = self.arrays[name]
-        return array[view].index_select(0, idx.to(array.device)).to(self.device, non_blocking=True)
+        rows = (idx + view * array.shape[1]).to(array.device)
+        return array.flatten(0, 1).index_select(0, rows).to(self.device, non_blocking=True)
 
 
 def place(array, device):

@@ -69,15 +69,17 @@ def augment(images_u8, dy, dx, flip, crop_padding, mean, std):
 
 class Batch(NamedTuple):
     """What a training loader yields: images, labels, their dataset indices (methods with per-sample state, and
-    the teacher cache, need them), and the augmentation view (the tensor pipeline's; None from a DataLoader)."""
+    the teacher cache, need them), and the augmentation view (the tensor pipeline's, a 0-d tensor on the device;
+    None from a DataLoader)."""
     images: torch.Tensor
     labels: torch.Tensor
     index: torch.Tensor
-    view: int | None = None
+    view: torch.Tensor | None = None
 
     def to(self, device, memory_format=torch.preserve_format):
         return Batch(self.images.to(device, non_blocking=True, memory_format=memory_format),
-                     self.labels.to(device, non_blocking=True), self.index.to(device, non_blocking=True), self.view)
+                     self.labels.to(device, non_blocking=True), self.index.to(device, non_blocking=True),
+                     None if self.view is None else self.view.to(device, non_blocking=True))
 
 
 class TensorLoader:
@@ -122,6 +124,7 @@ class TensorLoader:
 
     def __iter__(self):
         order, bs, cfg = self.order(), self.batch_size, self.augment_cfg
+        view = torch.tensor(self.view, device=self.device)  # a tensor, so a compiled step takes every view alike
         for start in range(0, len(self) * bs, bs):
             idx = order[start:start + bs]
             x = self.images[idx]
@@ -130,7 +133,7 @@ class TensorLoader:
             else:
                 dy, dx, flip = aug_params(idx, self.aug_seed, self.view, cfg.crop_padding, cfg.hflip)
                 x = augment(x, dy, dx, flip, cfg.crop_padding, self.mean, self.std)
-            yield Batch(x, self.labels[idx], idx, self.view)
+            yield Batch(x, self.labels[idx], idx, view)
 
 
 def from_subset(subset):

@@ -200,7 +200,9 @@ class Trainer:
                               f"{self.name}: {first_line(e)}; set it to off") from None
 
     def validate(self):
-        return accuracy(self.distiller.student, self.val_loader, self.device, self.cfg.amp, self.memory_format)
+        result = accuracy(self.distiller.student, self.val_loader, self.device, self.cfg.amp, self.memory_format)
+        self.distiller.student_taps.take()  # drop what validation recorded: a compiled step guards on the taps
+        return result
 
     def log(self, row):
         """Rewrite the CSV from the checkpointed history, so a resumed run never repeats or loses a row."""

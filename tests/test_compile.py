@@ -28,7 +28,9 @@ def test_the_compiled_step_trains_as_the_eager_one_in_one_graph(make_config, tmp
     torch._dynamo.reset()
     counters.clear()
     assert study(tmp_path, make_config, "compiled", "default") == 0
-    assert counters["stats"]["unique_graphs"] > 0, "nothing was compiled"
+    # the first step's graph, and one more when training progress (a float) turns out to change; no recompiling for
+    # each cache view or after validation
+    assert 0 < counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])
     eager, compiled = metrics(tmp_path, "eager"), metrics(tmp_path, "compiled")
     assert len(eager) == len(compiled) == 2
