@@ -140,24 +140,23 @@ class TeacherCache:
 
     def lookup(self, view, idx):
         """Teacher logits (and features) for the samples `idx` as seen in `view`, on the training device. With the
-        arrays on that device (see `place`) this is a gather there: no host sync, and a graph torch.compile sees."""
+        arrays on that device (see `place`) this is a gather there: no host sync, and a graph torch.compile sees.
+        `view`: an int, or a tensor on idx's device (then a compiled step does not recompile for each view)."""
+        rows = idx + view * self.manifest["size"]  # into the arrays flattened over (view, sample)
         if "logits" in self.arrays:
-            logits = self._fetch("logits", view, idx).float()
+            logits = self._fetch("logits", rows).float()
         else:
-            values, classes = self._fetch("topk_values", view, idx).float(), self._fetch("topk_indices", view, idx)
+            values, classes = self._fetch("topk_values", rows).float(), self._fetch("topk_indices", rows)
             # Classes outside the top-k get a logit far below any kept one: ~zero probability, and no NaN.
-            logits = torch.full((len(idx), self.manifest["num_classes"]), -1e4, device=self.device)
+            logits = torch.full((len(rows), self.manifest["num_classes"]), -1e4, device=self.device)
             logits.scatter_(1, classes.long(), values)
-        features = {name.split(".", 1)[1]: self._fetch(name, view, idx).float()
+        features = {name.split(".", 1)[1]: self._fetch(name, rows).float()
                     for name in self.arrays if name.startswith("feature.")}
         return {"logits": logits, "features": features}
 
-    def _fetch(self, name, view, idx):
-        """Rows `idx` of view `view` (an int, or a tensor on idx's device: then a compiled step does not recompile
-        for each view)."""
+    def _fetch(self, name, rows):
         array = self.arrays[name]
-        rows = (idx + view * array.shape[1]).to(array.device)
-        return array.flatten(0, 1).index_select(0, rows).to(self.device, non_blocking=True)
+        return array.flatten(0, 1).index_select(0, rows.to(array.device)).to(self.device, non_blocking=True)
 
 
 def place(array, device):
