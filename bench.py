@@ -21,6 +21,7 @@ autocast, contiguous and channels_last (and torch.compile with --compile), on ra
 device; median of timed repeats after warm-up. Results go to <output_dir>/<name>_bench/formats.md.
 """
 import argparse
+import csv
 import dataclasses
 import json
 import os
@@ -29,8 +30,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-
-import csv
 
 import torch
 

@@ -85,6 +85,8 @@ def test_method_parameters_sit_beside_the_name(tmp_path):
                  id="schedule"),
     pytest.param({"train": {"optimizer": "adam"}},
                  "train.optimizer: unknown value 'adam' (did you mean 'adamw'? choose from: adamw, sgd)", id="optimizer"),
+    pytest.param({"teacher": {"train": {"compile": "reduce_overhead"}}},
+                 "teacher.train.compile: unknown value 'reduce_overhead' (did you mean 'reduce-overhead'?", id="compile"),
     pytest.param({"train": {"epochs": 4, "warmup_epochs": 5}}, "train.warmup_epochs: must be in [0, epochs=4], got 5.0",
                  id="warmup"),
     pytest.param({"data": {"val_size": 0}}, "data.val_size: must be >= 1, got 0", id="val-size"),
