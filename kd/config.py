@@ -47,7 +47,8 @@ def load_yaml(text):
     return yaml.load(text, Loader=YAMLLoader)
 
 
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")  # torch.compile's
+# off, auto (per device: kd/device.py resolve_compile) or one of torch.compile's modes
+COMPILE_MODES = ("off", "auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 
 # Marks a field that never changes a result (paths, workers, evaluation batch sizes). Run identity
 # (`to_dict(cfg, "results")`) is every other field, so a new setting changes identity unless marked here.
@@ -120,7 +121,7 @@ class TrainConfig:
     grad_clip: float | None = None  # max global gradient norm; None = no clipping
     amp: str = "auto"  # auto (bf16 where the hardware runs it natively, else off) | off | bf16 | fp16 (CUDA only)
     channels_last: bool = False
-    compile: str = "off"  # off | torch.compile's mode: default | reduce-overhead (CUDA graphs) | max-autotune | ...
+    compile: str = "off"  # off | auto (reduce-overhead on CUDA, else off) | torch.compile's mode: default | ...
 
     def validate(self, key):
         _check(self.epochs >= 0, f"{key}.epochs", "must be >= 0", self.epochs)

@@ -107,7 +107,8 @@ def markdown(report):
              "student and are not deployed; train img/s includes them and the teacher's forward pass or cache "
              "reads, not validation.",
              f"Training precision: teacher {m['precision']['teacher.train.amp']} (if trained in this run), students "
-             f"{m['precision']['train.amp']}."]
+             f"{m['precision']['train.amp']}; train.compile: teacher {m['compile']['teacher.train.compile']}, "
+             f"students {m['compile']['train.compile']}."]
     if m.get("deploy"):
         d = m["deploy"]
         int8 = "" if d["calibration_images"] is None else (

@@ -75,7 +75,7 @@ class Study:
         self.cfg, self.resume = cfg, resume
         self.rt = setup(cfg)
         for decision in self.rt.decisions:
-            info(f"[precision] {decision}")
+            info(decision)
         self.device, self.main = self.rt.device, self.rt.main
         if not self.main:
             barrier()  # rank 0 downloads or unpacks the data first
@@ -109,8 +109,8 @@ class Study:
             rows = self.profile_all(results)
             deployed = deploy_module().facts(self.cfg.deploy, len(self.data.train)) if self.cfg.deploy.onnx else None
             report = write_report(self.folder.root, self.cfg, self.data, self.device, rows,
-                                  {"precision": self.rt.precision, "teacher_note": self.teacher_note,
-                                   "deploy": deployed})
+                                  {"precision": self.rt.precision, "compile": self.rt.compile,
+                                   "teacher_note": self.teacher_note, "deploy": deployed})
             self.plot(report)
             return report
 

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .device import autocast, barrier, is_main, memory_format
+from .device import autocast, barrier, is_main, memory_format, resolve_compile
 from .errors import ConfigError, KDError, first_line
 from .evaluate import accuracy
 from .log import Progress, info
@@ -88,8 +88,9 @@ class Trainer:
         self.model = distiller
         if dist.is_initialized():  # gradients of the student and the methods' modules are averaged across processes
             self.model = DistributedDataParallel(distiller, device_ids=[device.index] if device.type == "cuda" else None)
-        if cfg.compile != "off":  # forward, loss and backward as compiled graphs; the optimizer step stays eager
-            self.model = torch.compile(self.model, mode=None if cfg.compile == "default" else cfg.compile)
+        self.compile = resolve_compile(cfg.compile, device)
+        if self.compile != "off":  # forward, loss and backward as compiled graphs; the optimizer step stays eager
+            self.model = torch.compile(self.model, mode=None if self.compile == "default" else self.compile)
         self.train_loader, self.val_loader = loaders
         self.out_dir, self.fingerprint = Path(out_dir), fingerprint
         self.generator = self.train_loader.generator  # the loader's RNG state, if any, for exact resume
@@ -196,7 +197,7 @@ class Trainer:
         try:
             yield
         except torch._dynamo.exc.TorchDynamoException as e:
-            raise ConfigError(f"{self.key}.compile", f"torch.compile (mode '{self.cfg.compile}') failed in "
+            raise ConfigError(f"{self.key}.compile", f"torch.compile (mode '{self.compile}') failed in "
                               f"{self.name}: {first_line(e)}; set it to off") from None
 
     def validate(self):

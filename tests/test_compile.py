@@ -1,6 +1,7 @@
 """`train.compile`: the distillation step as compiled graphs (teacher-cache lookup and feature taps inside, no graph
-break), training as the eager step does, and a compiler that fails as one line naming the key."""
+break), training as the eager step does, a compiler that fails as one line naming the key, and `auto` per device."""
 import csv
+import json
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from torch._dynamo.utils import counters
 
 import kd.train
 import run
+from kd.device import resolve_compile
 from test_cache import make_config  # noqa: F401  (fixture)
 
 
@@ -49,3 +51,13 @@ def test_a_compiler_failure_is_one_line_naming_the_key(make_config, tmp_path, mo
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert "train.compile: torch.compile (mode 'default') failed in kdf: no C++ compiler found; set it to off" in err
+
+
+def test_auto_compiles_in_cuda_graphs_on_a_gpu_and_not_on_a_cpu(make_config, tmp_path, monkeypatch, capsys):  # noqa: F811
+    assert resolve_compile("auto", torch.device("cuda")) == "reduce-overhead"
+    assert [resolve_compile(m, torch.device("cpu")) for m in ("auto", "off", "default")] == ["off", "off", "default"]
+    monkeypatch.setattr(kd.train.torch, "compile", lambda *a, **k: pytest.fail("compiled on the CPU"))
+    assert study(tmp_path, make_config, "auto", "auto") == 0
+    assert "[compile] train.compile: auto -> off (on cpu)" in capsys.readouterr().out
+    report = json.loads((tmp_path / "runs" / "auto" / "report.json").read_text())
+    assert report["meta"]["compile"] == {"teacher.train.compile": "off", "train.compile": "off"}
