@@ -1,7 +1,7 @@
 """Benchmark: what distillation costs compared with training the student alone.
 
     python bench.py --config configs/fashion_mnist.yaml [--epochs 2] [--seeds 0 1] [--set key=value ...]
-                    [--stage NAME] [--variants alone live ...] [--modes off reduce-overhead ...]
+                    [--stage NAME] [--variants alone live ...] [--modes off reduce-overhead ...] [--profile]
     python bench.py --config configs/fashion_mnist.yaml --formats [--compile]
 
 In one process, with the config's recipe and the same seed, the student is trained:
@@ -13,7 +13,8 @@ using the first stage with a logit method (or --stage), for each train.compile m
 config's). Throughput is whole training epochs (data, augmentation, teacher or cache lookup, forward, backward,
 step), validation excluded: the mean over epochs, and the last epoch's alone (steady state: compiling happens in
 the first). The teacher checkpoint must exist: run the study first. Results go to <output_dir>/<name>_bench/
-(bench.md, bench.json) and are printed.
+(bench.md, bench.json) and are printed. --profile also profiles each run's last epoch (torch.profiler: wall and
+GPU-busy milliseconds per step, the operators that cost most on the host and on the GPU) into profile_<run>.txt.
 
 --formats instead times the forward-pass options on the config's models and batch size: the teacher's
 inference (what building the cache or a live teacher costs) and one student training step, in fp32 and bf16
@@ -61,6 +62,8 @@ def parse_args(argv):
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="what to train (default: all)")
     p.add_argument("--modes", nargs="+", choices=COMPILE_MODES, help="train.compile modes to time (default: the config's)")
+    p.add_argument("--profile", action="store_true",
+                   help="profile each run's last epoch into profile_<run>.txt (host and GPU time per operator)")
     p.add_argument("--formats", action="store_true", help="time fp32/bf16, channels_last (and --compile) instead")
     p.add_argument("--compile", action="store_true", help="with --formats: also time torch.compile'd models")
     p.add_argument("--repeats", type=positive, default=10, help="with --formats: timed repeats per variant")
@@ -84,24 +87,27 @@ def cache_mode(stage):
     return "logits+features" if stage.features else "logits"
 
 
-def train_variant(study, variant, stage, seed, mode, cache=None):
+def train_variant(study, variant, stage, seed, mode, cache=None, profile=False):
     """Train one fresh student of `seed` (`stage` None: labels only) with train.compile `mode`; return its training
-    throughput (mean over epochs, and the last epoch's) and test accuracy."""
+    throughput (mean over epochs, and the last epoch's), test accuracy and, with `profile`, its last epoch's
+    profile (the file's first line)."""
     name = f"{variant}_{mode}_s{seed}"
     distiller = Distiller(study.new_model(study.cfg.student, "student", seed),
                           label_smoothing=study.cfg.train.label_smoothing) if stage is None \
         else study.new_distiller(stage, seed, cache)
+    profiled = study.cfg.run_dir / f"profile_{name}.txt" if profile else None
     trained = study.fit(name, distiller, dataclasses.replace(study.cfg.train, compile=mode), key=name, seed=seed,
-                        views=study.cfg.cache.views if cache else None)
+                        views=study.cfg.cache.views if cache else None, profile=profiled)
     result = study.finish(name, distiller.student, name, f"{name}/{BEST}", trained)
     with open(study.folder.model(name) / METRICS) as f:
         last = list(csv.DictReader(f))[-1]
     return {"variant": variant, "compile": mode, "seed": seed, "epoch_seconds": trained["epoch_seconds"],
             "images_per_s": trained["train_images_per_s"], "last_images_per_s": float(last["train_images_per_s"]),
-            "test_top1": result.test_top1}
+            "test_top1": result.test_top1,
+            "profile": f"{profiled.name}: {profiled.read_text().splitlines()[0]}" if profile else None}
 
 
-def run(cfg, stage, seeds, variants, modes):
+def run(cfg, stage, seeds, variants, modes, profile=False):
     """Students of each seed share the study's teacher, augmentation and so its cache, built (and timed) once."""
     from kd.study import Study
     if not os.path.exists(cfg.teacher.checkpoint):
@@ -117,21 +123,22 @@ def run(cfg, stage, seeds, variants, modes):
     rows, build = [], None
     for mode in modes:
         if "alone" in variants:
-            rows.append(train_variant(study, "alone", None, seeds[0], mode))
+            rows.append(train_variant(study, "alone", None, seeds[0], mode, profile=profile))
         if "alone_loader" in variants:
             loader_study = Study(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, pipeline="loader"),
                                                      train=dataclasses.replace(cfg.train, epochs=1),
                                                      cache=dataclasses.replace(cfg.cache, mode="off")))
-            rows.append({**train_variant(loader_study, "alone_loader", None, seeds[0], mode), "test_top1": None})
+            rows.append({**train_variant(loader_study, "alone_loader", None, seeds[0], mode, profile=profile),
+                         "test_top1": None})
         for seed in seeds:
             if "live" in variants:
-                rows.append(train_variant(study, "live", stage, seed, mode))
+                rows.append(train_variant(study, "live", stage, seed, mode, profile=profile))
             if "cached" in variants:
                 if build is None:
                     start = time.perf_counter()
                     study.teacher_cache(mode=cache_mode(stage))
                     build = time.perf_counter() - start
-                rows.append(train_variant(study, "cached", stage, seed, mode, study.teacher_cache()))
+                rows.append(train_variant(study, "cached", stage, seed, mode, study.teacher_cache(), profile))
     return study, rows, build
 
 
@@ -168,7 +175,7 @@ def summarize(study, stage, rows, build):
                           f"{by['alone_loader'][0]['epoch_seconds'] / alone:.2f}x")
         if ratios:
             notes.append(f"- compile {mode}: " + "; ".join(ratios))
-    lines += [""] + notes
+    lines += [""] + notes + [f"- profile {r['profile']}" for r in rows if r.get("profile")]
     if build is not None:
         lines.append(f"- cache build (one-off, {study.cfg.cache.views} views, mode {cache_mode(stage)}): {build:.1f} s")
     return "\n".join(lines) + "\n"
@@ -237,7 +244,8 @@ def main(argv=None):
             (cfg.run_dir / "formats.md").write_text(text)
             print("\n" + text)
             return 0
-        study, rows, build = run(cfg, stage, args.seeds or [cfg.seed], args.variants, args.modes or [cfg.train.compile])
+        study, rows, build = run(cfg, stage, args.seeds or [cfg.seed], args.variants, args.modes or [cfg.train.compile],
+                                 args.profile)
     except ConfigError as e:
         print(f"error: {args.config}: {e}", file=sys.stderr)
         return 2

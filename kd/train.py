@@ -15,6 +15,7 @@ from .device import autocast, barrier, is_main, memory_format, resolve_compile
 from .errors import ConfigError, KDError, first_line
 from .evaluate import accuracy
 from .log import Progress, info
+from .profile import profiled
 from .store import BEST, LAST, METRICS, atomic, load, save
 
 SYNC_EVERY = 50
@@ -82,8 +83,10 @@ class Trainer:
     (student weights of the best validation epoch, with the model's card: kd/card.py) and `metrics.csv`, all
     inside `out_dir`."""
 
-    def __init__(self, distiller, cfg, loaders, device, out_dir, seed, fingerprint, name, card=None, key="train"):
+    def __init__(self, distiller, cfg, loaders, device, out_dir, seed, fingerprint, name, card=None, key="train",
+                 profile=None):
         self.distiller, self.cfg, self.device, self.name, self.card, self.key = distiller, cfg, device, name, card, key
+        self.profile = profile  # a file: the last epoch is profiled into it (kd/profile.py; bench.py --profile)
         self.main = is_main()  # the one process that writes files
         self.model = distiller
         if dist.is_initialized():  # gradients of the student and the methods' modules are averaged across processes
@@ -132,7 +135,9 @@ class Trainer:
             self.best = {"val_top1": self.validate()["top1"], "epoch": 0}
             self.save_best()
         while self.epoch < self.cfg.epochs:
-            train = self.train_epoch()
+            with profiled(self.profile, self.device, len(self.train_loader)) \
+                    if self.profile and self.epoch == self.cfg.epochs - 1 else contextlib.nullcontext():
+                train = self.train_epoch()
             val = self.validate()
             self.epoch += 1
             if val["top1"] > self.best["val_top1"]:

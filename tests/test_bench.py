@@ -1,5 +1,7 @@
 """The benchmark command: trains every variant and reports ratios computed from its own measurements."""
 import json
+import math
+import re
 
 import yaml
 
@@ -55,3 +57,20 @@ def test_bench_formats_times_every_precision_and_memory_format(make_config, tmp_
     assert all(r["teacher_infer_images_per_s"] > 0 and r["student_train_images_per_s"] > 0
                and r["student_train_fused_images_per_s"] > 0 for r in rows)
     assert "| bf16 | True | False |" in capsys.readouterr().out
+
+
+def test_bench_profiles_each_runs_last_epoch(make_study, make_config, tmp_path, capsys):
+    make_study()
+    path = tmp_path / "bench.yaml"
+    cfg = make_config()
+    path.write_text(yaml.safe_dump(cfg))
+    assert bench.main(["--config", str(path), "--epochs", "2", "--variants", "alone", "cached", "--profile",
+                       "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    images = int(re.search(r"epochs, (\d+) training images", out).group(1))
+    for run in ("alone_off_s0", "cached_off_s0"):
+        text = (tmp_path / "runs" / "c_bench" / f"profile_{run}.txt").read_text()
+        header = text.splitlines()[0]
+        assert header.startswith(f"{math.ceil(images / cfg['data']['batch_size'])} steps in ")  # one epoch's
+        assert " ms per step on the wall clock" in header and "aten::convolution" in text, text[:500]
+        assert f"- profile profile_{run}.txt: {header}" in out
