@@ -89,13 +89,22 @@ def _digest(arrays):
     return h.hexdigest()[:16]
 
 
+def _pixels(name, data, mode=None):
+    """One image's pixels in `mode` (None: 'L' for a greyscale file, else 'RGB'); an unreadable file is one line."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return np.asarray(img.convert(mode or ("L" if img.mode in ("L", "I;16", "1") else "RGB")))
+    except OSError as e:
+        raise ConfigError("data.root", f"{name} is not an image Pillow can read ({e})") from None
+
+
 def decode(source):
-    """Every image of the source as uint8 arrays per split, in a fixed order; labels by sorted class name."""
+    """Every image of the source as uint8 arrays per split, in a fixed order; labels by sorted class name. (A thread
+    pool was no faster on CIFAR-10's 3 KB JPEGs: 24 s against this loop's 20-22 s, on 2 cores.)"""
     decoded, shape, mode = [], None, None
     for split, cls, name, _, _, read in Progress(_entries(source), f"[data] decoding {source}"):
-        with Image.open(io.BytesIO(read())) as img:
-            mode = mode or ("L" if img.mode in ("L", "I;16", "1") else "RGB")
-            pixels = np.asarray(img.convert(mode))
+        pixels = _pixels(name, read(), mode)
+        mode = mode or ("L" if pixels.ndim == 2 else "RGB")
         if shape is None:
             shape = pixels.shape
         elif pixels.shape != shape:

@@ -93,15 +93,20 @@ def test_grey_folders_and_given_normalisation(tmp_path):
         build_data(data_cfg(tmp_path, mean=[0.5] * 3, std=[0.25] * 3))
 
 
-def test_images_of_another_size_are_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("odd, says", [
+    (lambda path: Image.fromarray(np.zeros((20, 16, 3), np.uint8)).save(path.with_suffix(".png")),
+     "test/dog/odd.png is 16x20 where the first image is 12x12"),
+    (lambda path: path.with_suffix(".jpg").write_bytes(b"not a jpeg"),
+     "test/dog/odd.jpg is not an image Pillow can read (cannot identify image file")], ids=["size", "unreadable"])
+def test_an_image_of_another_size_or_an_unreadable_one_is_one_line(tmp_path, capsys, odd, says):
     write_folders(tmp_path)
-    Image.fromarray(np.zeros((20, 16, 3), np.uint8)).save(tmp_path / "test" / "dog" / "big.png")
+    odd(tmp_path / "test" / "dog" / "odd")
     raw = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
     raw.update(output_dir=str(tmp_path / "runs"), data={**raw["data"], "dataset": "folders", "root": str(tmp_path),
                                                          "train_subset": None, "test_subset": None, "val_size": 3})
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(raw))
     err = one_error_line(capsys, tmp_path / "study.yaml")
-    assert "data.root:" in err and "test/dog/big.png is 16x20 where the first image is 12x12" in err
+    assert "data.root:" in err and says in err, err
 
 
 def test_cifar10_from_folders_needs_ten_classes_of_32_pixels(tmp_path):
