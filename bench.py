@@ -3,6 +3,7 @@
     python bench.py --config configs/fashion_mnist.yaml [--epochs 2] [--seeds 0 1] [--set key=value ...]
                     [--stage NAME] [--variants alone live ...] [--modes off reduce-overhead ...] [--profile]
     python bench.py --config configs/fashion_mnist.yaml --formats [--compile]
+    python bench.py --config configs/fashion_mnist.yaml --loader
 
 In one process, with the config's recipe and the same seed, the student is trained:
   alone         labels only, tensor pipeline
@@ -20,6 +21,11 @@ GPU-busy milliseconds per step, the operators that cost most on the host and on 
 inference (what building the cache or a live teacher costs) and one student training step, in fp32 and bf16
 autocast, contiguous and channels_last (and torch.compile with --compile), on random inputs already on the
 device; median of timed repeats after warm-up. Results go to <output_dir>/<name>_bench/formats.md.
+
+--loader instead times the tensor pipeline alone (the config's data, batch size and augmentation): wall
+milliseconds and operator calls per training batch, on the config's device and on `meta`, where every operator is
+dispatched but computes nothing (what issuing them costs the host, the bound of a small model's step on a GPU).
+Results go to <output_dir>/<name>_bench/loader.md.
 """
 import argparse
 import csv
@@ -35,12 +41,13 @@ from pathlib import Path
 import torch
 
 from kd.config import COMPILE_MODES, load_config
-from kd.device import autocast
+from kd.device import autocast, synchronize
 from kd.distiller import Distiller
 from kd.errors import ConfigError, KDError
 from kd.evaluate import timed
 from kd.report import device_name
 from kd.store import BEST, METRICS
+from kd.tensor_data import TensorLoader
 from kd.train import make_optimizer
 
 VARIANTS = ("alone", "alone_loader", "live", "cached")
@@ -67,6 +74,7 @@ def parse_args(argv):
     p.add_argument("--formats", action="store_true", help="time fp32/bf16, channels_last (and --compile) instead")
     p.add_argument("--compile", action="store_true", help="with --formats: also time torch.compile'd models")
     p.add_argument("--repeats", type=positive, default=10, help="with --formats: timed repeats per variant")
+    p.add_argument("--loader", action="store_true", help="time the tensor pipeline's batches instead")
     return p.parse_args(argv)
 
 
@@ -233,15 +241,52 @@ def formats(cfg, compile_too, repeats):
     return rows, "\n".join(lines) + "\n"
 
 
+def loader(cfg, epochs=3):
+    """Wall ms and operator calls per training batch of the tensor pipeline, per device: the mean of `epochs` epochs
+    after a first one (warm-up)."""
+    from kd.study import Study
+    study = Study(cfg)
+    if not study.data.tensors:
+        raise ConfigError("data.pipeline", f"--loader times the tensor pipeline, which '{cfg.data.dataset}' with "
+                          f"pipeline '{cfg.data.pipeline}' does not use")
+    images, labels = study.data.tensors["train"]
+    lines = [f"Tensor pipeline, {len(labels)} training images, batch {cfg.data.batch_size}, augmentation "
+             f"{dataclasses.asdict(cfg.data.augment)}, torch {torch.__version__}; the mean of {epochs} epochs after "
+             "a first.", "", "| device | ms per batch | operator calls per batch |", "|---|---|---|"]
+    rows = []
+    for device in (study.device, torch.device("meta")):
+        batches = TensorLoader(images.to(device), labels.to(device), cfg.data.batch_size, shuffle=True,
+                               drop_last=True, seed=cfg.seed, augment_cfg=cfg.data.augment, mean=study.data.mean,
+                               std=study.data.std, device=device)
+        seconds = []
+        for epoch in range(epochs + 1):
+            batches.set_epoch(epoch)
+            start = time.perf_counter()
+            for _ in batches:
+                pass
+            synchronize(device)
+            seconds.append(time.perf_counter() - start)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
+            for _ in batches:
+                pass
+        calls = sum(op.count for op in p.key_averages() if op.key.startswith("aten::")) / len(batches)
+        rows.append({"device": str(device), "ms_per_batch": 1000 * statistics.fmean(seconds[1:]) / len(batches),
+                     "operator_calls_per_batch": calls})
+        name = device_name(device) if device.type != "meta" else "meta (dispatch, no arithmetic)"
+        lines.append(f"| {name} | {rows[-1]['ms_per_batch']:.2f} | {calls:.1f} |")
+    return rows, "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
         cfg, stage = bench_config(args)
-        if args.formats:
-            rows, text = formats(cfg, args.compile, args.repeats)
+        if args.formats or args.loader:
+            rows, text = formats(cfg, args.compile, args.repeats) if args.formats else loader(cfg)
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
-            (cfg.run_dir / "formats.json").write_text(json.dumps(rows, indent=2) + "\n")
-            (cfg.run_dir / "formats.md").write_text(text)
+            what = "formats" if args.formats else "loader"
+            (cfg.run_dir / f"{what}.json").write_text(json.dumps(rows, indent=2) + "\n")
+            (cfg.run_dir / f"{what}.md").write_text(text)
             print("\n" + text)
             return 0
         study, rows, build = run(cfg, stage, args.seeds or [cfg.seed], args.variants, args.modes or [cfg.train.compile],

@@ -74,3 +74,13 @@ def test_bench_profiles_each_runs_last_epoch(make_study, make_config, tmp_path, 
         assert header.startswith(f"{math.ceil(images / cfg['data']['batch_size'])} steps in ")  # one epoch's
         assert " ms per step on the wall clock" in header and "aten::convolution" in text, text[:500]
         assert f"- profile profile_{run}.txt: {header}" in out
+
+
+def test_bench_times_the_tensor_pipeline_on_the_device_and_on_meta(make_config, tmp_path, capsys):
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(make_config()))
+    assert bench.main(["--config", str(path), "--loader", "--device", "cpu"]) == 0
+    rows = json.loads((tmp_path / "runs" / "c_bench" / "loader.json").read_text())
+    assert [r["device"] for r in rows] == ["cpu", "meta"]
+    assert all(r["ms_per_batch"] > 0 and r["operator_calls_per_batch"] > 10 for r in rows), rows
+    assert "| meta (dispatch, no arithmetic) |" in capsys.readouterr().out
