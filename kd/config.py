@@ -121,7 +121,10 @@ class TrainConfig:
     grad_clip: float | None = None  # max global gradient norm; None = no clipping
     amp: str = "auto"  # auto (bf16 where the hardware runs it natively, else off) | off | bf16 | fp16 (CUDA only)
     channels_last: bool = False
-    compile: str = "off"  # off | auto (reduce-overhead on CUDA, else off) | torch.compile's mode: default | ...
+    compile: str = "off"  # off | auto (default on CUDA, else off) | torch.compile's mode: default | ...
+    # auto | on | off: the whole step (optimizer included) captured in one CUDA graph (kd/step.py); the same
+    # kernels replayed, so not part of the run's identity
+    graph: str = _setting("auto")
 
     def validate(self, key):
         _check(self.epochs >= 0, f"{key}.epochs", "must be >= 0", self.epochs)
@@ -139,6 +142,7 @@ class TrainConfig:
         _check(self.grad_clip is None or self.grad_clip > 0, f"{key}.grad_clip", "must be > 0 or null", self.grad_clip)
         _choice(self.amp, ("auto", "off", "bf16", "fp16"), f"{key}.amp")
         _choice(self.compile, COMPILE_MODES, f"{key}.compile")
+        _choice(self.graph, ("auto", "on", "off"), f"{key}.graph")
 
 
 @dataclass

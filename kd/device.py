@@ -68,18 +68,48 @@ def amp_reason(amp, device):
     return f"{where} has no native bf16 (CUDA bf16, AVX512-BF16 or AMX), where emulated bf16 is slower than fp32"
 
 
-def autocast(device, amp):
+def autocast(device, amp, cache=True):
+    """`cache=False` for a step captured in a CUDA graph, which must not reuse casts made outside it."""
     amp = resolve_amp(amp, device)
     if amp == "off":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16, cache_enabled=cache)
 
 
 def resolve_compile(mode, device):
-    """The torch.compile mode `mode` means on `device`. 'auto' is reduce-overhead (the step in CUDA graphs) on a CUDA
-    GPU, where it trained the students 1.5-2.3x faster once compiled, and off elsewhere: on the AVX2 CPU it was
-    measured on, compiled steps ran slower (README: Speed on a GPU)."""
-    return mode if mode != "auto" else "reduce-overhead" if device.type == "cuda" else "off"
+    """The torch.compile mode `mode` means on `device`. 'auto' is default (fused kernels; the step's CUDA graph is
+    train.graph's) on a CUDA GPU, and off elsewhere: on the AVX2 CPU it was measured on, compiled steps ran
+    slower (README: Speed on a GPU)."""
+    return mode if mode != "auto" else "default" if device.type == "cuda" else "off"
+
+
+GRAPHED_COMPILE = ("reduce-overhead", "max-autotune")  # torch.compile modes that make CUDA graphs of their own
+
+
+def graph_obstacle(train_cfg, device):
+    """Why the recipe's training step cannot be captured whole in a CUDA graph on `device`, or None."""
+    if device.type != "cuda":
+        return f"CUDA graphs need a CUDA device, not {device.type}"
+    if dist.is_initialized():
+        return "under torchrun gradients are reduced by DistributedDataParallel outside any graph"
+    if resolve_amp(train_cfg.amp, device) == "fp16":
+        return "fp16 loss scaling reads its overflow check on the host every step"
+    if resolve_compile(train_cfg.compile, device) in GRAPHED_COMPILE:
+        return f"compile '{resolve_compile(train_cfg.compile, device)}' captures CUDA graphs of its own"
+    if train_cfg.schedule == "onecycle":
+        return "one-cycle changes the momentum every step, which a captured optimizer step would not see"
+    return None
+
+
+def resolve_graph(train_cfg, device, key):
+    """Whether the training step is captured whole in one CUDA graph: 'auto' where nothing stands in the way,
+    'on' or a one-line error naming `key`.graph and what stands in the way, 'off'."""
+    if train_cfg.graph == "off":
+        return False
+    obstacle = graph_obstacle(train_cfg, device)
+    if obstacle and train_cfg.graph == "on":
+        raise ConfigError(f"{key}.graph", f"'on', but {obstacle}; set it to auto or off")
+    return obstacle is None
 
 
 def memory_format(train_cfg):
@@ -95,13 +125,14 @@ def synchronize(device):
 @dataclass
 class Runtime:
     """Where this process runs: its device, torchrun rank and world size, the precision each recipe trains in
-    (config key -> 'fp32', 'bf16' or 'fp16') and its compile mode (config key -> mode), with the reasons, to be
-    printed."""
+    (config key -> 'fp32', 'bf16' or 'fp16'), its compile mode (config key -> mode) and whether its step is a
+    CUDA graph (config key -> bool), with the reasons, to be printed."""
     device: torch.device
     rank: int
     world: int
     precision: dict
     compile: dict
+    graph: dict
     decisions: list
 
     @property
@@ -113,7 +144,7 @@ def setup(cfg):
     """The runtime a config asks for: device, process group, precision and compile mode per recipe, determinism."""
     device = resolve_device(cfg.device)
     rank, world = init_distributed(device)
-    precision, compiled, decisions = {}, {}, {}
+    precision, compiled, graph, decisions = {}, {}, {}, {}
     for key, train_cfg in (("teacher.train", cfg.teacher.train), ("train", cfg.train)):
         amp = resolve_amp(train_cfg.amp, device)
         precision[f"{key}.amp"] = "fp32" if amp == "off" else amp
@@ -123,9 +154,14 @@ def setup(cfg):
         if train_cfg.compile == "auto":
             decisions.setdefault(("compile", f"auto -> {compiled[f'{key}.compile']} (on {device.type})"),
                                  []).append(f"{key}.compile")
+        graph[f"{key}.graph"] = resolve_graph(train_cfg, device, key)
+        if train_cfg.graph == "auto":
+            why = graph_obstacle(train_cfg, device) or "the whole step replayed in one call"
+            decisions.setdefault(("graph", f"auto -> {'on' if graph[f'{key}.graph'] else 'off'} ({why})"),
+                                 []).append(f"{key}.graph")
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = not cfg.deterministic
-    return Runtime(device, rank, world, precision, compiled,
+    return Runtime(device, rank, world, precision, compiled, graph,
                    [f"[{tag}] {' and '.join(keys)}: {d}" for (tag, d), keys in decisions.items()])

@@ -64,6 +64,7 @@ def table(cols, rows):
 
 def markdown(report):
     b = report["meta"]["eval_batch_size"]
+    yes = lambda flag: "yes" if flag else "no"
     cols = [("model", lambda n, r: n),
             ("val top-1", lambda n, r: pct(r, "val_top1")),
             ("test top-1", lambda n, r: pct(r, "test_top1")),
@@ -108,7 +109,8 @@ def markdown(report):
              "reads, not validation.",
              f"Training precision: teacher {m['precision']['teacher.train.amp']} (if trained in this run), students "
              f"{m['precision']['train.amp']}; train.compile: teacher {m['compile']['teacher.train.compile']}, "
-             f"students {m['compile']['train.compile']}."]
+             f"students {m['compile']['train.compile']}; the step in one CUDA graph (train.graph): teacher "
+             f"{yes(m['graph']['teacher.train.graph'])}, students {yes(m['graph']['train.graph'])}."]
     if m.get("deploy"):
         d = m["deploy"]
         int8 = "" if d["calibration_images"] is None else (
@@ -147,8 +149,9 @@ def deployment(models, b):
 
 
 def write_report(run_dir, cfg, data, device, rows, facts):
-    """`facts`: the study's own, {"precision": {config key: precision used}, "teacher_note": what differs or None,
-    "deploy": kd/deploy.py's facts or None}."""
+    """`facts`: the study's own, {"precision": {config key: precision used}, "compile": {config key: mode},
+    "graph": {config key: whether the step was one CUDA graph}, "teacher_note": what differs or None, "deploy":
+    kd/deploy.py's facts or None}."""
     for name, row in rows.items():
         row["uses_teacher"] = None if name == "teacher" else next(s for s in cfg.stages if s.name == name).uses_teacher
     add_ratios(rows, cfg.eval.batch_size)

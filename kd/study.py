@@ -109,7 +109,7 @@ class Study:
             rows = self.profile_all(results)
             deployed = deploy_module().facts(self.cfg.deploy, len(self.data.train)) if self.cfg.deploy.onnx else None
             report = write_report(self.folder.root, self.cfg, self.data, self.device, rows,
-                                  {"precision": self.rt.precision, "compile": self.rt.compile,
+                                  {"precision": self.rt.precision, "compile": self.rt.compile, "graph": self.rt.graph,
                                    "teacher_note": self.teacher_note, "deploy": deployed})
             self.plot(report)
             return report

@@ -11,11 +11,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .device import autocast, barrier, is_main, memory_format, resolve_compile
+from .device import barrier, is_main, memory_format, resolve_compile, resolve_graph
 from .errors import ConfigError, KDError, first_line
 from .evaluate import accuracy
 from .log import Progress, info
 from .profile import profiled
+from .step import TrainStep
 from .store import BEST, LAST, METRICS, atomic, load, save
 
 SYNC_EVERY = 50
@@ -27,12 +28,13 @@ def fused_optimizer(device):
     return device.type == "cuda"
 
 
-def make_optimizer(params, cfg, fused=False):
+def make_optimizer(params, cfg, fused=False, capturable=False):
+    """`capturable`: AdamW's step counts kept on the device, as a step captured in a CUDA graph needs."""
     fused = fused or None  # None: torch's default implementation
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
                                weight_decay=cfg.weight_decay, fused=fused)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused, capturable=capturable)
 
 
 def make_scheduler(optimizer, cfg, steps_per_epoch):
@@ -98,10 +100,12 @@ class Trainer:
         self.out_dir, self.fingerprint = Path(out_dir), fingerprint
         self.generator = self.train_loader.generator  # the loader's RNG state, if any, for exact resume
         self.learnable = distiller.learnable()
+        graph = resolve_graph(cfg, device, key)
         self.optimizer = make_optimizer([p for p in self.learnable.parameters() if p.requires_grad], cfg,
-                                        fused_optimizer(device))
+                                        fused_optimizer(device), capturable=graph)
         self.scheduler = make_scheduler(self.optimizer, cfg, len(self.train_loader))
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        self.step = TrainStep(self.model, self.optimizer, self.scaler, cfg, device, graph, name, key)
         self.memory_format = memory_format(cfg)
         self.epoch, self.best, self.history = 0, {"val_top1": -1.0, "epoch": 0}, []
         seed_everything(seed)
@@ -143,7 +147,7 @@ class Trainer:
             if val["top1"] > self.best["val_top1"]:
                 self.best = {"val_top1": val["top1"], "epoch": self.epoch}
                 self.save_best()
-            self.log({"epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"], **train,
+            self.log({"epoch": self.epoch, "lr": float(self.optimizer.param_groups[0]["lr"]), **train,
                       **{f"val_{k}": v for k, v in val.items()}})
             if self.main:
                 save(self.state(), self.last_path)
@@ -156,44 +160,31 @@ class Trainer:
                  self.out_dir / BEST)
 
     def train_epoch(self):
-        """One pass over the training split. Running sums stay on the device and are read (a GPU sync) only
-        every `SYNC_EVERY` steps, for the progress bar and the finite-loss check."""
+        """One pass over the training split. The step's running sums stay on the device and are read (a GPU
+        sync) only every `SYNC_EVERY` steps, for the progress bar and the finite-loss check."""
         self.distiller.train()
         self.train_loader.set_epoch(self.epoch)  # order, augmentation view and shard are functions of the epoch
-        sums, seen, start = None, 0, time.perf_counter()
+        self.step.reset()
+        seen, start = 0, time.perf_counter()
         bar = Progress(self.train_loader, f"[{self.name}] epoch {self.epoch + 1}/{self.cfg.epochs}")
         for step, batch in enumerate(bar, 1):
-            batch = batch.to(self.device, self.memory_format)
-            progress = self.epoch + (step - 1) / len(self.train_loader)
-            self.optimizer.zero_grad(set_to_none=True)
             with self.compiler_errors():
-                with autocast(self.device, self.cfg.amp):
-                    logits, terms = self.model(batch, progress)
-                self.scaler.scale(terms["loss"]).backward()
-            if self.cfg.grad_clip:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.learnable.parameters(), self.cfg.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+                self.step(batch.to(self.device, self.memory_format), self.epoch + (step - 1) / len(self.train_loader))
             self.scheduler.step()
-            n = batch.labels.numel()  # known on the host: counted there, as a tensor it would cost a sync
-            seen += n
-            counts = torch.stack([(logits.argmax(1) == batch.labels).sum().float(),
-                                  *(v.detach().float() * n for v in terms.values())])
-            sums = counts if sums is None else sums + counts
+            seen += len(batch.labels)  # known on the host: counted there, as a tensor it would cost a sync
             if step % SYNC_EVERY == 0 or step == len(self.train_loader):
-                correct, total_loss = sums[[0, 1 + list(terms).index("loss")]].tolist()
+                correct, total_loss = self.step.sums[[0, 1 + self.step.terms.index("loss")]].tolist()
                 if not math.isfinite(total_loss):
                     raise KDError(f"[{self.name}] the loss became {total_loss / seen} in epoch {self.epoch + 1}; "
                                   "lower the learning rate or set train.grad_clip")
                 bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}",
                                 img_s=f"{seen / (time.perf_counter() - start):.0f}")
-        sums = torch.cat([sums.new_tensor([seen]), sums])
+        sums = torch.cat([self.step.sums.new_tensor([seen]), self.step.sums])
         if dist.is_initialized():
             dist.all_reduce(sums)
         elapsed = time.perf_counter() - start
         seen, correct, *totals = sums.tolist()
-        return {**{f"train_{k}": v / seen for k, v in zip(terms, totals)}, "train_top1": correct / seen,
+        return {**{f"train_{k}": v / seen for k, v in zip(self.step.terms, totals)}, "train_top1": correct / seen,
                 "train_images_per_s": seen / elapsed, "epoch_seconds": elapsed}
 
     @contextlib.contextmanager

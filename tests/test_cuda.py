@@ -1,5 +1,6 @@
 """On a CUDA GPU (skipped elsewhere): every method, several seeds and the teacher cache in one study, with the
-precision `amp: auto` picks there. `pytest -q tests/test_cuda.py` on a GPU machine."""
+precision `amp: auto` picks there and every step captured in a CUDA graph; that graph against the eager step. `pytest -q tests/test_cuda.py` on a GPU machine."""
+import csv
 import json
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 import run
 from kd.device import resolve_amp
+from kd.step import WARMUP
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -39,6 +41,8 @@ def test_every_method_over_two_seeds_on_cuda(smoke_config, in_memory_data, tmp_p
     cfg = smoke_config(seeds=[0, 1], stages=EVERY_METHOD, data=in_memory_data,
                        cache={"mode": cache, "views": 2, "dir": str(tmp_path / "cache")})
     assert run.main(["--config", str(cfg), "--device", "cuda"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "train.graph: auto -> on" in out and "cannot be captured" not in out, out
     report = json.loads((cfg.parent / "runs" / "smoke" / "report.json").read_text())
     assert list(report["models"]) == ["teacher"] + [s["name"] for s in EVERY_METHOD]
     amp = resolve_amp("auto", torch.device("cuda"))
@@ -46,3 +50,40 @@ def test_every_method_over_two_seeds_on_cuda(smoke_config, in_memory_data, tmp_p
     assert amp == ("bf16" if torch.cuda.is_bf16_supported() else "off")
     for name, row in report["models"].items():
         assert 0 <= row["test_top1"] <= 1 and row["latency_b1_ms"] > 0, name
+
+
+def test_the_step_in_one_cuda_graph_trains_as_the_eager_step(smoke_config, in_memory_data, tmp_path, monkeypatch,
+                                                             capsys):
+    """train.graph: the whole step (live teacher, feature taps, every loss term, backward, fused optimizer, running
+    sums) captured once and replayed; the learning rate and training progress reach the replays as tensors."""
+    replays = []
+    graph_class = torch.cuda.CUDAGraph
+
+    class Counted(graph_class):
+        def replay(self):
+            replays.append(1)
+            super().replay()
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Counted)
+    stage = {"name": "dkd_fitnets", "logit": {"name": "dkd", "warmup": 2.0},
+             "features": [{"name": "fitnets", "student": "stages.2", "teacher": "layer3"}]}
+    rows = {}
+    for graph in ("off", "on"):
+        cfg = smoke_config(name=f"graph_{graph}", seeds=[0], stages=[stage], data=in_memory_data,
+                           train={"epochs": 3, "lr": 0.05, "warmup_epochs": 1, "graph": graph})
+        assert run.main(["--config", str(cfg), "--device", "cuda"]) == 0, capsys.readouterr().err
+        with open(cfg.parent / "runs" / f"graph_{graph}" / "dkd_fitnets" / "seed0" / "metrics.csv") as f:
+            rows[graph] = list(csv.DictReader(f))
+    steps = 3 * 3  # 96 training images in batches of 32, 3 epochs
+    assert len(replays) == steps - WARMUP - 1  # warm-up steps, then the captured one, then replays
+    for eager, graphed in zip(rows["off"], rows["on"]):
+        for key in ("train_loss", "train_ce", "train_logit", "train_feat0", "train_top1", "lr"):
+            assert float(graphed[key]) == pytest.approx(float(eager[key]), rel=2e-2, abs=1e-3), key
+
+
+def test_graph_on_where_it_cannot_be_is_one_line(smoke_config, in_memory_data, capsys):
+    cfg = smoke_config(seeds=[0], stages=[{"name": "baseline"}], data=in_memory_data,
+                       train={"epochs": 1, "graph": "on", "amp": "fp16"})
+    assert run.main(["--config", str(cfg), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("train.graph: 'on', but fp16 loss scaling reads its overflow check on the host every step; "
+                        "set it to auto or off"), err

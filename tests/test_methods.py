@@ -184,7 +184,7 @@ def test_reviewkd_fuses_levels_into_teacher_shapes_and_hcl_reduces_to_mse_on_1x1
 METHOD_STAGES = {
     "kd": {"logit": {"name": "kd"}},
     "kd_standardized": {"logit": {"name": "kd", "standardize": True}},
-    "dkd": {"logit": {"name": "dkd"}},
+    "dkd": {"logit": {"name": "dkd", "warmup": 1.0}},
     "dist": {"logit": {"name": "dist"}},
     "fitnets": {"features": [{"name": "fitnets", "student": "stages.1", "teacher": "layer2"}]},
     "at": {"features": [{"name": "at", "student": ["stages.1", "stages.2"], "teacher": ["layer2", "layer3"]}]},
@@ -219,6 +219,22 @@ def test_every_method_is_nonzero_and_its_gradient_reaches_the_student_and_its_mo
     assert all(p.grad is None for p in teacher.parameters())
     for p in distiller.features.parameters():  # a method's own modules learn from its term
         assert p.grad is not None, name
+
+
+@pytest.mark.parametrize("name", METHOD_STAGES)
+def test_every_method_trains_without_reading_a_value_on_the_host(name):
+    """What a step captured in a CUDA graph needs (kd/step.py): after a first eager step, forward and backward run
+    on `meta` tensors, which hold no values, so any read on the host (`.item()`, `min()` on a tensor, a
+    tensor-dependent `if`) fails here. DKD's warm-up did, through `min(step.epoch / warmup, 1.0)`."""
+    teacher, student = models()
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    stage = from_dict(StageConfig, {"name": name, **METHOD_STAGES[name]})
+    distiller = Distiller.build(stage, student, teacher, x[:2], 0.0, "stages[0]", num_samples=100).train()
+    distiller(Batch(x, y, torch.arange(8)), epoch=torch.tensor(0.5))  # the eager warm-up (CRD's first step reads)
+    meta = [t.to("meta") for t in (x, y, torch.arange(8), torch.tensor(0), torch.tensor(0.5))]
+    _, terms = distiller.to("meta")(Batch(*meta[:4]), epoch=meta[4])
+    terms["loss"].backward()
+    assert terms["loss"].device.type == "meta"
 
 
 @pytest.mark.parametrize("method, params, expected", [

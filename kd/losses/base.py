@@ -21,10 +21,12 @@ FEATURE_LOSSES = Registry("feature loss", context=("probe",))
 @dataclass
 class Step:
     """Per-step facts beyond the outputs: labels (DKD splits target from non-target classes), dataset indices
-    of the batch (CRD's memory bank), and training progress in epochs, fractional (warm-ups)."""
+    of the batch (CRD's memory bank), and training progress in epochs, fractional (warm-ups). In training,
+    `epoch` is a 0-d tensor on the device: a step captured in a CUDA graph replays it with each step's value, so
+    use it in tensor ops (`clamp`, not `min`, whose comparison would read it on the host)."""
     target: torch.Tensor
     index: torch.Tensor | None = None
-    epoch: float = 0.0
+    epoch: float | torch.Tensor = 0.0
 
 
 @dataclass

@@ -50,5 +50,5 @@ class DKD(nn.Module):
         s, t = (standardize(student_logits), standardize(teacher_logits)) if self.standardize else \
             (student_logits, teacher_logits)
         tckd, nckd = decoupled_kl(s, t, step.target, self.temperature)
-        ramp = min(step.epoch / self.warmup, 1.0) if self.warmup else 1.0
+        ramp = torch.as_tensor(step.epoch).div(self.warmup).clamp(max=1.0) if self.warmup else 1.0
         return ramp * self.temperature ** 2 * (self.alpha * tckd.mean() + self.beta * nckd.mean())
