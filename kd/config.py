@@ -121,7 +121,7 @@ class TrainConfig:
     grad_clip: float | None = None  # max global gradient norm; None = no clipping
     amp: str = "auto"  # auto (bf16 where the hardware runs it natively, else off) | off | bf16 | fp16 (CUDA only)
     channels_last: bool = False
-    compile: str = "off"  # off | auto (default on CUDA, else off) | torch.compile's mode: default | ...
+    compile: str = "off"  # off | auto (off, as measured: kd/device.py) | torch.compile's mode: default | ...
     # auto | on | off: the whole step (optimizer included) captured in one CUDA graph (kd/step.py); the same
     # kernels replayed, so not part of the run's identity
     graph: str = _setting("auto")
