@@ -79,8 +79,8 @@ def autocast(device, amp, cache=True):
 def resolve_compile(mode, device):
     """The torch.compile mode `mode` means on `device`. 'auto' is off: on the AVX2 CPU it was measured on, compiled
     steps ran slower, and on an H100, where train.graph already replays the step in one CUDA graph, compiling
-    (default mode) made the CIFAR-10 student's epochs 1.35-1.5x faster but cost 15-19 s per student, repaid only
-    after about 250 epochs alone or 90 with a live teacher and FitNets (README: Speed on a GPU)."""
+    (default mode) made the CIFAR-10 student's epochs 1.3-1.5x faster but cost 10-21 s per student, repaid only
+    after 100 (live teacher and FitNets) to 280 (student alone) epochs (README: Speed on a GPU)."""
     return "off" if mode == "auto" else mode
 
 
