@@ -167,12 +167,12 @@ class Trainer:
         self.step.reset()
         seen, start = 0, time.perf_counter()
         bar = Progress(self.train_loader, f"[{self.name}] epoch {self.epoch + 1}/{self.cfg.epochs}")
-        for step, batch in enumerate(bar, 1):
+        for i, batch in enumerate(bar, 1):
             with self.compiler_errors():
-                self.step(batch.to(self.device, self.memory_format), self.epoch + (step - 1) / len(self.train_loader))
+                self.step(batch.to(self.device, self.memory_format), self.epoch + (i - 1) / len(self.train_loader))
             self.scheduler.step()
             seen += len(batch.labels)  # known on the host: counted there, as a tensor it would cost a sync
-            if step % SYNC_EVERY == 0 or step == len(self.train_loader):
+            if i % SYNC_EVERY == 0 or i == len(self.train_loader):
                 correct, total_loss = self.step.sums[[0, 1 + self.step.terms.index("loss")]].tolist()
                 if not math.isfinite(total_loss):
                     raise KDError(f"[{self.name}] the loss became {total_loss / seen} in epoch {self.epoch + 1}; "
