@@ -17,11 +17,13 @@ def tap_key(name, io="output"):
 class Taps:
     """Records the outputs (or inputs) of named modules on every forward pass, through forward hooks registered
     once, when the model is built: no per-step hook bookkeeping, and a graph that torch.compile can trace.
-    `take()` hands over what the last forward pass recorded. `layers`: (name, io, config key) triples."""
+    `take()` hands over what the last forward pass recorded. `layers`: (name, io, config key) triples. `detach`:
+    record without the autograd graph, for a teacher's taps: while the teacher itself trains, a map recorded and
+    never taken would keep the last step's graph alive into the next (on a GPU, across CUDA streams)."""
 
-    def __init__(self, model, layers=()):
+    def __init__(self, model, layers=(), detach=False):
         modules = dict(model.named_modules())
-        self.outputs = {}
+        self.outputs, self.detach = {}, detach
         for name, io, key in layers:
             if name not in modules:
                 raise ConfigError(key, f"no layer '{name}' in this model; layers: {layer_names(model)}")
@@ -30,7 +32,8 @@ class Taps:
             modules[name].register_forward_hook(functools.partial(self._record, tap_key(name, io), io == "input"))
 
     def _record(self, key, take_input, module, inputs, output):
-        self.outputs[key] = inputs[0] if take_input else output
+        value = inputs[0] if take_input else output
+        self.outputs[key] = value.detach() if self.detach else value
 
     def take(self):
         outputs, self.outputs = self.outputs, {}
@@ -87,7 +90,7 @@ class Distiller(nn.Module):
                 raise ConfigError(f"{key}.logit", f"logit method '{stage.logit.name}' must be an nn.Module with a "
                                   f"numeric ce_weight attribute (see kd/losses/base.py), got ce_weight={weight!r}")
         student_taps = Taps(student, feature_layers([stage], "student", key))
-        teacher_taps = teacher_taps or Taps(teacher, feature_layers([stage], "teacher", key))
+        teacher_taps = teacher_taps or Taps(teacher, feature_layers([stage], "teacher", key), detach=True)
         features = []
         if stage.features:
             for j, f in enumerate(stage.features):

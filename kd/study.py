@@ -1,4 +1,5 @@
 """The study: obtain a teacher, train (or reuse) every student stage for every seed, measure all models, report."""
+import contextlib
 import dataclasses
 import os
 import statistics
@@ -77,9 +78,11 @@ class Study:
         for decision in self.rt.decisions:
             info(decision)
         self.device, self.main = self.rt.device, self.rt.main
+        self.seconds = {}  # wall time per phase of the run, printed at its end
         if not self.main:
             barrier()  # rank 0 downloads or unpacks the data first
-        self.data = build_data(cfg.data, self.device, distributed=self.rt.world > 1)
+        with self.timed("data"):
+            self.data = build_data(cfg.data, self.device, distributed=self.rt.world > 1)
         if self.main:
             barrier()
         validate_runtime(cfg, self.device, self.rt.world, in_memory=bool(self.data.tensors))
@@ -87,32 +90,53 @@ class Study:
         self.sample = sample_batch(self.data)  # (images, labels) on the CPU, for dry passes
         self.image_shape = tuple(self.sample[0].shape[1:])
         self.teacher = self.new_model(cfg.teacher, "teacher").to(self.device)
-        self.teacher_taps = Taps(self.teacher, feature_layers(cfg.stages, "teacher"))  # every stage's layers
+        # every stage's teacher layers, recorded without their graph (the teacher is trained with them in place)
+        self.teacher_taps = Taps(self.teacher, feature_layers(cfg.stages, "teacher"), detach=True)
         self.teacher_note = None  # what differs, when teacher.accept_checkpoint let a mismatching teacher in
         self.teacher_digest = None  # the loaded teacher's weights: its identity wherever and however it was saved
         self.teacher_train = {}  # the facts of its training, as its checkpoint records them
         self._cache = None
 
     def run(self):
-        self.check()
+        with self.timed("check"):
+            self.check()
         if self.main:
             write_text(self.folder.root / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
-        results = {"teacher": row(self.obtain_teacher())}
+        with self.timed("teacher"):
+            results = {"teacher": row(self.obtain_teacher())}
         self.teacher.requires_grad_(False)
         jobs = [self.student_job(stage, seed) for stage in self.cfg.stages for seed in self.cfg.student_seeds]
         if any(job.done is None and self.replays(job.stage) for job in jobs):
-            self.teacher_cache()  # before any student trains: a cache that cannot be built stops the run here
+            with self.timed("cache"):
+                self.teacher_cache()  # before any student trains: a cache that cannot be built stops the run here
         for stage in self.cfg.stages:
-            results[stage.name] = over_seeds([self.train_student(job) for job in jobs if job.stage is stage],
-                                             self.cfg.student_seeds)
+            with self.timed(f"stage {stage.name}"):
+                results[stage.name] = over_seeds([self.train_student(job) for job in jobs if job.stage is stage],
+                                                 self.cfg.student_seeds)
         if self.main:
-            rows = self.profile_all(results)
-            deployed = deploy_module().facts(self.cfg.deploy, len(self.data.train)) if self.cfg.deploy.onnx else None
-            report = write_report(self.folder.root, self.cfg, self.data, self.device, rows,
-                                  {"precision": self.rt.precision, "compile": self.rt.compile, "graph": self.rt.graph,
-                                   "teacher_note": self.teacher_note, "deploy": deployed})
-            self.plot(report)
+            with self.timed("profiles"):
+                rows = self.profile_all(results)
+                deployed = deploy_module().facts(self.cfg.deploy, len(self.data.train)) if self.cfg.deploy.onnx \
+                    else None
+            with self.timed("report"):
+                report = write_report(self.folder.root, self.cfg, self.data, self.device, rows,
+                                      {"precision": self.rt.precision, "compile": self.rt.compile,
+                                       "graph": self.rt.graph, "teacher_note": self.teacher_note, "deploy": deployed,
+                                       "seconds": dict(self.seconds)})
+                self.plot(report)
+            info("[time] " + ", ".join(f"{name} {s:.1f} s" for name, s in self.seconds.items()) +
+                 f" (total {sum(self.seconds.values()):.1f} s)")
             return report
+
+    @contextlib.contextmanager
+    def timed(self, phase):
+        """Add the wall time of what runs inside to `phase`: where a study's time goes, training or not (each
+        stage's time includes its students' validation, test evaluation and checkpoints)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
     def plot(self, report):
         try:

@@ -98,6 +98,19 @@ def test_hooks_are_registered_once_and_shared_by_every_stage_of_a_teacher():
     assert len(teacher.layer2._forward_hooks) == 1 and taps.keys == ["layer2"]
 
 
+def test_a_teachers_taps_keep_no_graph_alive_while_it_trains():
+    """The study's taps on its teacher record on every forward pass, the teacher's own training included, where
+    nothing takes them: a recorded map with its graph kept that step's autograd nodes alive into the next (on a
+    GPU, PyTorch warned of a stream mismatch at the first step of a graphed teacher). The student's keep theirs."""
+    teacher, student = models()
+    distiller = Distiller.build(stage(), student, teacher, torch.randn(2, 1, 28, 28), 0.0, "s")
+    teacher.train()(torch.randn(4, 1, 28, 28)).sum().backward()
+    recorded = distiller.teacher_taps.outputs["layer2"]
+    assert recorded.grad_fn is None and not recorded.requires_grad
+    student.train()(torch.randn(4, 1, 28, 28))
+    assert distiller.student_taps.take()["stages.1"].grad_fn is not None
+
+
 def test_a_feature_can_be_a_module_input():
     """io: input takes what a module receives: the classifier's input is the flattened pooled features."""
     teacher, student = models()

@@ -37,6 +37,11 @@ def test_cli_smoke_study_writes_reports_and_reuses_finished_stages(smoke_config)
     assert models["kd_fitnets"]["method_params"] > 0 and models["kd"]["method_params"] == 0
     assert "| kd_fitnets |" in (run_dir / "report.md").read_text() and "| kd_fitnets |" in proc.stdout
     assert (run_dir / "config.yaml").exists()
+    # where the run's time went, by phase; the teacher cache is off in smoke.yaml, so no cache phase
+    seconds = report["meta"]["seconds"]
+    assert list(seconds) == ["data", "check", "teacher", "stage baseline", "stage kd", "stage kd_fitnets", "profiles"]
+    assert all(s > 0 for s in seconds.values()) and seconds["stage kd_fitnets"] > seconds["check"]
+    assert "[time] data " in proc.stdout and " report " in proc.stdout.split("[time]")[1]
 
     mtime = (run_dir / "kd" / "best.pt").stat().st_mtime_ns
     again = subprocess.run([sys.executable, str(ROOT / "run.py"), "--config", str(cfg), "--device", "cpu"],
