@@ -41,7 +41,9 @@ def data_cfg(root, **changes):
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["folders", "tar.gz"])
-def test_folders_are_decoded_once_into_the_tensor_pipeline_with_their_labels(tmp_path, packed, monkeypatch):
+@pytest.mark.parametrize("chunk", [kd.folders.CHUNK, 5], ids=["one process", "decoding processes"])
+def test_folders_are_decoded_once_into_the_tensor_pipeline_with_their_labels(tmp_path, packed, chunk, monkeypatch):
+    monkeypatch.setattr(kd.folders, "CHUNK", chunk)  # 5: 36 images in 8 tasks, for as many processes as CPUs
     source = tmp_path / "src"
     pixels = write_folders(source)
     root = tmp_path / "data"
@@ -98,7 +100,9 @@ def test_grey_folders_and_given_normalisation(tmp_path):
      "test/dog/odd.png is 16x20 where the first image is 12x12"),
     (lambda path: path.with_suffix(".jpg").write_bytes(b"not a jpeg"),
      "test/dog/odd.jpg is not an image Pillow can read (cannot identify image file")], ids=["size", "unreadable"])
-def test_an_image_of_another_size_or_an_unreadable_one_is_one_line(tmp_path, capsys, odd, says):
+@pytest.mark.parametrize("chunk", [kd.folders.CHUNK, 5], ids=["one process", "decoding processes"])
+def test_an_image_of_another_size_or_an_unreadable_one_is_one_line(tmp_path, capsys, odd, says, chunk, monkeypatch):
+    monkeypatch.setattr(kd.folders, "CHUNK", chunk)
     write_folders(tmp_path)
     odd(tmp_path / "test" / "dog" / "odd")
     raw = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
