@@ -1,5 +1,6 @@
 """On a CUDA GPU (skipped elsewhere): every method, several seeds and the teacher cache in one study, with the
-precision `amp: auto` picks there and every step captured in a CUDA graph; that graph against the eager step. `pytest -q tests/test_cuda.py` on a GPU machine."""
+precision `amp: auto` picks there and every step captured in a CUDA graph; that graph against the eager step, and
+resumed after an interruption. `pytest -q tests/test_cuda.py` on a GPU machine."""
 import csv
 import json
 
@@ -8,7 +9,7 @@ import torch
 
 import run
 from kd.device import resolve_amp
-from kd.step import WARMUP
+from kd.step import WARMUP, TrainStep
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -87,3 +88,35 @@ def test_graph_on_where_it_cannot_be_is_one_line(smoke_config, in_memory_data, c
     err = capsys.readouterr().err.strip()
     assert err.endswith("train.graph: 'on', but fp16 loss scaling reads its overflow check on the host every step; "
                         "set it to auto or off"), err
+
+
+def test_an_interrupted_graphed_student_resumes_to_the_uninterrupted_result(smoke_config, in_memory_data,
+                                                                           monkeypatch, capsys):
+    """Resuming under train.graph: the optimizer's learning rate is a device tensor in last.pt, and the resumed
+    trainer warms up and captures its graph again."""
+    stages = [{"name": "kd", "logit": {"name": "kd"}}]
+    runs = {name: smoke_config(name=name, seeds=[0], stages=stages, data=in_memory_data,
+                               train={"epochs": 3, "lr": 0.05, "warmup_epochs": 1, "graph": "on"})
+            for name in ("full", "resumed")}
+    assert run.main(["--config", str(runs["full"]), "--device", "cuda"]) == 0, capsys.readouterr().err
+    calls, step = [0], TrainStep.__call__
+
+    def dies_in_second_epoch(self, batch, progress):
+        calls[0] += self.key == "train"
+        if calls[0] == 5:  # 3 batches per epoch: the second step of epoch 2, after the graph was captured
+            raise KeyboardInterrupt
+        return step(self, batch, progress)
+    monkeypatch.setattr(TrainStep, "__call__", dies_in_second_epoch)
+    assert run.main(["--config", str(runs["resumed"]), "--device", "cuda"]) == 130
+    monkeypatch.setattr(TrainStep, "__call__", step)
+    assert run.main(["--config", str(runs["resumed"]), "--device", "cuda", "--resume"]) == 0, capsys.readouterr().err
+    rows = {}
+    for name, cfg in runs.items():
+        with open(cfg.parent / "runs" / name / "kd" / "seed0" / "metrics.csv") as f:
+            rows[name] = list(csv.DictReader(f))
+    assert len(rows["full"]) == len(rows["resumed"]) == 3
+    tolerance = {"train_loss": {"rel": 2e-2}, "lr": {"rel": 1e-6}, "train_top1": {"abs": 0.05},
+                 "val_top1": {"abs": 0.05}}
+    for full, resumed in zip(rows["full"], rows["resumed"]):  # within GPU run-to-run noise (cuDNN's choices)
+        for key, tol in tolerance.items():
+            assert float(resumed[key]) == pytest.approx(float(full[key]), **tol), key
