@@ -115,10 +115,15 @@ class Trainer:
         return self.out_dir / LAST
 
     def state(self):
+        """Everything needed to resume. Learning rates are saved as numbers, also where a CUDA graph holds them in
+        device tensors (kd/step.py), so a run resumes with or without the graph, on any device."""
+        optimizer, scheduler = self.optimizer.state_dict(), self.scheduler.state_dict()
+        for group in optimizer["param_groups"]:
+            group["lr"] = float(group["lr"])
+        scheduler["_last_lr"] = [float(lr) for lr in scheduler["_last_lr"]]
         return {"fingerprint": self.fingerprint, "epoch": self.epoch, "best": self.best, "history": self.history,
-                "learnable": self.learnable.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": rng_state(self.generator)}
+                "learnable": self.learnable.state_dict(), "optimizer": optimizer, "scheduler": scheduler,
+                "scaler": self.scaler.state_dict(), "rng": rng_state(self.generator)}
 
     def resume(self):
         ckpt = load(self.last_path, f"delete {self.out_dir} to train {self.name} from its start", weights_only=False)
