@@ -19,8 +19,9 @@ class TrainStep:
     """`step(batch, progress)` trains on one Batch. Its running sums (correct predictions, then each loss term
     times the batch size, in `terms` order) accumulate on the device in `sums` until `reset()`; reading them is
     the only host sync. With `graph`, the first `WARMUP` steps run eagerly on a side stream, the next is captured
-    and every later full batch replays it: its inputs (the batch, the training progress, the learning rate) are
-    copied into the graph's own tensors, and anything a method keeps between steps must live in tensors."""
+    and every later full batch replays it: the batch is copied into the graph's own tensors, training progress
+    and the learning rate are device tensors filled in place, and anything a method keeps between steps must live
+    in tensors."""
 
     def __init__(self, model, optimizer, scaler, cfg, device, graph, name, key):
         self.model, self.optimizer, self.scaler, self.cfg, self.device = model, optimizer, scaler, cfg, device
