@@ -116,7 +116,8 @@ def _decode_all(files, mode):
     """Pixels of every (name, bytes) pair, in order, by one process per CPU where there are enough images; an
     unreadable file is one line."""
     chunks = [files[i:i + CHUNK] for i in range(0, len(files), CHUNK)]
-    workers = min(len(os.sched_getaffinity(0)), len(chunks))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # Linux: ours
+    workers = min(cpus, len(chunks)) if "fork" in multiprocessing.get_all_start_methods() else 1
     if workers > 1:  # fork: the workers only run Pillow, and start without importing anything again
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
             results = list(pool.map(_decode_chunk, chunks, repeat(mode)))

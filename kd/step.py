@@ -25,12 +25,12 @@ class TrainStep:
 
     def __init__(self, model, optimizer, scaler, cfg, device, graph, name, key):
         self.model, self.optimizer, self.scaler, self.cfg, self.device = model, optimizer, scaler, cfg, device
-        self.graph, self.name, self.key = graph, name, key
+        self.name, self.key = name, key
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.progress = torch.zeros((), device=device)  # fractional epoch, a tensor so a replay sees each value
         self.sums, self.terms, self.steps = None, None, 0
         self.captured, self.static = None, None
-        self.stream = torch.cuda.Stream(device) if graph else None
+        self.stream = torch.cuda.Stream(device) if graph else None  # set while the step is (to be) a graph
 
     def reset(self):
         if self.sums is not None:
@@ -38,7 +38,7 @@ class TrainStep:
 
     def __call__(self, batch, progress):
         self.progress.fill_(progress)
-        if self.graph and self.captured is None and self.steps >= WARMUP:
+        if self.stream is not None and self.captured is None and self.steps >= WARMUP:
             self.capture(batch)
         if self.captured is not None and batch.images.shape == self.static.images.shape:
             for static, new in zip(self.static, batch):
@@ -98,6 +98,6 @@ class TrainStep:
                  "training eagerly")
             for group in self.optimizer.param_groups:
                 group["lr"] = float(group["lr"])
-            self.graph, self.stream = False, None
+            self.stream = None
             return
         self.captured = graph
