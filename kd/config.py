@@ -125,6 +125,9 @@ class TrainConfig:
     # auto | on | off: the whole step (optimizer included) captured in one CUDA graph (kd/step.py); the same
     # kernels replayed, so not part of the run's identity
     graph: str = _setting("auto")
+    # last.pt and best.pt are written after the final epoch and after any epoch this many seconds or more after
+    # the previous write (0: every epoch): on a GPU an epoch can take a second, and the teacher's files ~130 MB
+    checkpoint_seconds: float = _setting(60.0)
 
     def validate(self, key):
         _check(self.epochs >= 0, f"{key}.epochs", "must be >= 0", self.epochs)
@@ -143,6 +146,7 @@ class TrainConfig:
         _choice(self.amp, ("auto", "off", "bf16", "fp16"), f"{key}.amp")
         _choice(self.compile, COMPILE_MODES, f"{key}.compile")
         _choice(self.graph, ("auto", "on", "off"), f"{key}.graph")
+        _check(self.checkpoint_seconds >= 0, f"{key}.checkpoint_seconds", "must be >= 0", self.checkpoint_seconds)
 
 
 @dataclass

@@ -81,9 +81,9 @@ def seed_everything(seed):
 
 
 class Trainer:
-    """Trains `distiller.learnable()`; writes `last.pt` (everything needed to resume) every epoch, `best.pt`
-    (student weights of the best validation epoch, with the model's card: kd/card.py) and `metrics.csv`, all
-    inside `out_dir`."""
+    """Trains `distiller.learnable()`; writes `metrics.csv` every epoch, and `last.pt` (everything needed to resume)
+    with `best.pt` (student weights of the best validation epoch, with the model's card: kd/card.py) at every
+    checkpoint (`cfg.checkpoint_seconds`), all inside `out_dir`."""
 
     def __init__(self, distiller, cfg, loaders, device, out_dir, seed, fingerprint, name, card=None, key="train",
                  profile=None):
@@ -108,6 +108,8 @@ class Trainer:
         self.step = TrainStep(self.model, self.optimizer, self.scaler, cfg, device, graph, name, key)
         self.memory_format = memory_format(cfg)
         self.epoch, self.best, self.history = 0, {"val_top1": -1.0, "epoch": 0}, []
+        self.best_state = None  # the best epoch's weights until a checkpoint writes them to best.pt
+        self.saved_at = time.perf_counter()  # the last checkpoint, or the start
         seed_everything(seed)
 
     @property
@@ -141,8 +143,8 @@ class Trainer:
     def fit(self):
         """Train the remaining epochs; return the best validation result and the mean training throughput."""
         if self.epoch == 0 and self.cfg.epochs == 0:
-            self.best = {"val_top1": self.validate()["top1"], "epoch": 0}
-            self.save_best()
+            self.keep_best(self.validate()["top1"])
+            self.write_best()
         while self.epoch < self.cfg.epochs:
             with profiled(self.profile, self.device, len(self.train_loader)) \
                     if self.profile and self.epoch == self.cfg.epochs - 1 else contextlib.nullcontext():
@@ -150,19 +152,32 @@ class Trainer:
             val = self.validate()
             self.epoch += 1
             if val["top1"] > self.best["val_top1"]:
-                self.best = {"val_top1": val["top1"], "epoch": self.epoch}
-                self.save_best()
+                self.keep_best(val["top1"])
             self.log({"epoch": self.epoch, "lr": float(self.optimizer.param_groups[0]["lr"]), **train,
                       **{f"val_{k}": v for k, v in val.items()}})
-            if self.main:
-                save(self.state(), self.last_path)
+            if self.epoch == self.cfg.epochs or time.perf_counter() - self.saved_at >= self.cfg.checkpoint_seconds:
+                self.checkpoint()
         barrier()  # every process reads best.pt next
         return self.best
 
-    def save_best(self):
+    def keep_best(self, val_top1):
+        """Note the current epoch as the best so far, and copy its weights (on their device) for best.pt."""
+        self.best = {"val_top1": val_top1, "epoch": self.epoch}
         if self.main:
-            save({"model": self.distiller.student.state_dict(), "fingerprint": self.fingerprint, "card": self.card},
-                 self.out_dir / BEST)
+            self.best_state = {k: v.detach().clone() for k, v in self.distiller.student.state_dict().items()}
+
+    def write_best(self):
+        if self.best_state is not None:
+            save({"model": self.best_state, "fingerprint": self.fingerprint, "card": self.card}, self.out_dir / BEST)
+            self.best_state = None
+
+    def checkpoint(self):
+        """best.pt (if a better epoch came since it was written), then last.pt, which records that epoch as the
+        best: a run resumes from a pair that agree, having lost at most the epochs since."""
+        if self.main:
+            self.write_best()
+            save(self.state(), self.last_path)
+        self.saved_at = time.perf_counter()
 
     def train_epoch(self):
         """One pass over the training split. The step's running sums stay on the device and are read (a GPU

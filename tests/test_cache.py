@@ -225,7 +225,7 @@ def test_interrupted_cached_distillation_resumes_to_the_uninterrupted_result(mak
     """The tensor pipeline + cache path: order and augmentation are functions of (seed, epoch, index)."""
     def config(name):
         path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(make_config(name=name, train={"epochs": 3})))
+        path.write_text(yaml.safe_dump(make_config(name=name, train={"epochs": 3, "checkpoint_seconds": 0})))
         return path
     assert run.main(["--config", str(config("full")), "--device", "cpu"]) == 0
     calls, forward = [0], Distiller.forward

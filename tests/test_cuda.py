@@ -96,7 +96,8 @@ def test_an_interrupted_graphed_student_resumes_to_the_uninterrupted_result(smok
     trainer warms up and captures its graph again."""
     stages = [{"name": "kd", "logit": {"name": "kd"}}]
     runs = {name: smoke_config(name=name, seeds=[0], stages=stages, data=in_memory_data,
-                               train={"epochs": 3, "lr": 0.05, "warmup_epochs": 1, "graph": "on"})
+                               train={"epochs": 3, "lr": 0.05, "warmup_epochs": 1, "graph": "on",
+                                      "checkpoint_seconds": 0})
             for name in ("full", "resumed")}
     assert run.main(["--config", str(runs["full"]), "--device", "cuda"]) == 0, capsys.readouterr().err
     calls, step = [0], TrainStep.__call__

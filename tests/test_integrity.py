@@ -270,7 +270,8 @@ def test_kill_9_mid_training_resumes_to_the_uninterrupted_result(tmp_path):
     """A real SIGKILL (no handler runs) in the middle of a stage; --resume then ends bit-identical to a run that was
     never interrupted."""
     def config(name):
-        raw = smoke(name=name, data={"train_subset": 512}, train={"epochs": 3}, stages=[{"name": "baseline"}],
+        raw = smoke(name=name, data={"train_subset": 512}, train={"epochs": 3, "checkpoint_seconds": 0},
+                    stages=[{"name": "baseline"}],
                     teacher={"name": "cnn", "kwargs": {"channels": [8, 16, 32], "blocks": 1}})
         return write(raw, tmp_path / f"{name}.yaml")
 

@@ -2,13 +2,16 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import kd.train
 import run
 from kd.data import DEBIAN_FASHION_MNIST
 from kd.distiller import Distiller
+from kd.train import Trainer
 
 from conftest import ROOT
 
@@ -96,9 +99,9 @@ def test_finished_stage_is_not_overwritten_by_a_changed_config(smoke_config, cap
 def test_interrupted_run_resumes_to_the_uninterrupted_result(smoke_config, monkeypatch, capsys):
     stages = [{"name": "kd_fitnets", "logit": {"name": "kd"},
                "features": [{"name": "fitnets", "student": "stages.1", "teacher": "layer2"}]}]
-    full = smoke_config(stages=stages, train={"epochs": 3})
+    full = smoke_config(stages=stages, train={"epochs": 3, "checkpoint_seconds": 0})
     assert run.main(["--config", str(full), "--device", "cpu"]) == 0
-    interrupted = smoke_config(stages=stages, train={"epochs": 3}, name="resumed")
+    interrupted = smoke_config(stages=stages, train={"epochs": 3, "checkpoint_seconds": 0}, name="resumed")
 
     calls, forward = [0], Distiller.forward
 
@@ -130,6 +133,34 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(smoke_config, monke
         [r.split(",")[:3] for r in (stage_dir / "metrics.csv").read_text().splitlines()]
     ref, res = report_of(full, "smoke")["models"], report_of(full, "resumed")["models"]
     assert ref["kd_fitnets"]["test_top1"] == res["kd_fitnets"]["test_top1"]
+
+
+def test_checkpoints_wait_for_checkpoint_seconds_and_keep_the_best_epoch(smoke_config, monkeypatch):
+    """With an epoch far shorter than train.checkpoint_seconds, a student's best.pt and last.pt are written once,
+    after its final epoch, and hold what writing them every epoch leaves: best.pt the best epoch's weights (the
+    first, as validation says here), not the last's."""
+    writes, save, validate = [], kd.train.save, Trainer.validate
+    monkeypatch.setattr(kd.train, "save", lambda obj, path: (writes.append(Path(path)), save(obj, path)))
+
+    def worse_every_epoch(self):  # the real pass, then a top-1 that falls: the first epoch stays the best
+        return {**validate(self), "top1": 0.9 - 0.1 * self.epoch}
+    monkeypatch.setattr(Trainer, "validate", worse_every_epoch)
+    folders = {}
+    for name, seconds in (("every_epoch", 0), ("once", 3600)):
+        cfg = smoke_config(name=name, stages=[{"name": "baseline"}], train={"epochs": 3, "checkpoint_seconds": seconds})
+        writes.clear()
+        assert run.main(["--config", str(cfg), "--device", "cpu"]) == 0
+        folders[name] = cfg.parent / "runs" / name / "baseline"
+        written = [w.name for w in writes if w.parent == folders[name]]
+        assert written == ["best.pt", "last.pt"] + ["last.pt"] * 2 * (seconds == 0), written  # best: epoch 1
+    for file in ("best.pt", "last.pt"):
+        a, b = (torch.load(folders[n] / file, weights_only=False) for n in folders)
+        a, b = a.get("learnable", a.get("model")), b.get("learnable", b.get("model"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), file
+    best = torch.load(folders["once"] / "best.pt", weights_only=False)["model"]
+    last = torch.load(folders["once"] / "last.pt", weights_only=False)
+    assert last["best"]["epoch"] == 1 and last["epoch"] == 3
+    assert not all(torch.equal(best[k], last["learnable"][f"student.{k}"]) for k in best)  # the first epoch's
 
 
 @pytest.mark.skipif(not DEBIAN_FASHION_MNIST.exists(),
