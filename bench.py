@@ -11,7 +11,8 @@ In one process, with the config's recipe and the same seed, the student is train
   live          distilled with the teacher's forward pass on every step (what torchdistill, mdistiller do)
   cached        distilled from the teacher-output cache, built first in a fresh folder (its cost is reported apart)
 using the first stage with a logit method (or --stage), for each train.compile mode in --modes (default: the
-config's). Throughput is whole training epochs (data, augmentation, teacher or cache lookup, forward, backward,
+config's); and on request (not by default)
+  teacher       a fresh teacher on its own recipe (teacher.train) for the students' number of epochs. Throughput is whole training epochs (data, augmentation, teacher or cache lookup, forward, backward,
 step), validation excluded: the mean over epochs, and the last epoch's alone (steady state: compiling happens in
 the first). The teacher checkpoint must exist: run the study first. Results go to <output_dir>/<name>_bench/
 (bench.md, bench.json) and are printed. --profile also profiles each run's last epoch (torch.profiler: wall and
@@ -50,7 +51,8 @@ from kd.store import BEST, METRICS
 from kd.tensor_data import TensorLoader
 from kd.train import make_optimizer
 
-VARIANTS = ("alone", "alone_loader", "live", "cached")
+VARIANTS = ("alone", "alone_loader", "live", "cached", "teacher")
+STUDENT_VARIANTS = VARIANTS[:-1]  # the default: what distillation costs against the student alone
 
 
 def positive(text):
@@ -67,7 +69,8 @@ def parse_args(argv):
     p.add_argument("--epochs", type=int, help="override train.epochs for every variant")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds to repeat live and cached over (default: the config's)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="what to train (default: all)")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(STUDENT_VARIANTS),
+                   help="what to train (default: every student variant)")
     p.add_argument("--modes", nargs="+", choices=COMPILE_MODES, help="train.compile modes to time (default: the config's)")
     p.add_argument("--profile", action="store_true",
                    help="profile each run's last epoch into profile_<run>.txt (host and GPU time per operator)")
@@ -96,16 +99,19 @@ def cache_mode(stage):
 
 
 def train_variant(study, variant, stage, seed, mode, cache=None, profile=False):
-    """Train one fresh student of `seed` (`stage` None: labels only) with train.compile `mode`; return its training
-    throughput (mean over epochs, and the last epoch's), test accuracy and, with `profile`, its last epoch's
-    profile (the file's first line)."""
-    name = f"{variant}_{mode}_s{seed}"
-    distiller = Distiller(study.new_model(study.cfg.student, "student", seed),
-                          label_smoothing=study.cfg.train.label_smoothing) if stage is None \
+    """Train one fresh student of `seed` (`stage` None: labels only; variant "teacher": a fresh teacher on its
+    recipe, labels only) with `mode` as its compile mode; return its training throughput (mean over epochs, and
+    the last epoch's), test accuracy and, with `profile`, its last epoch's profile (the file's first line)."""
+    name, cfg = f"{variant}_{mode}_s{seed}", study.cfg
+    model, recipe = (cfg.teacher, cfg.teacher.train) if variant == "teacher" else (cfg.student, cfg.train)
+    distiller = Distiller(study.new_model(model, variant if variant == "teacher" else "student", seed),
+                          label_smoothing=recipe.label_smoothing) if stage is None \
         else study.new_distiller(stage, seed, cache)
-    profiled = study.cfg.run_dir / f"profile_{name}.txt" if profile else None
-    trained = study.fit(name, distiller, dataclasses.replace(study.cfg.train, compile=mode), key=name, seed=seed,
-                        views=study.cfg.cache.views if cache else None, profile=profiled)
+    profiled = cfg.run_dir / f"profile_{name}.txt" if profile else None
+    recipe = dataclasses.replace(recipe, compile=mode, epochs=cfg.train.epochs,
+                                 warmup_epochs=min(recipe.warmup_epochs, cfg.train.epochs))
+    trained = study.fit(name, distiller, recipe, key=name, seed=seed, views=cfg.cache.views if cache else None,
+                        profile=profiled)
     result = study.finish(name, distiller.student, name, f"{name}/{BEST}", trained)
     with open(study.folder.model(name) / METRICS) as f:
         last = list(csv.DictReader(f))[-1]
@@ -130,6 +136,8 @@ def run(cfg, stage, seeds, variants, modes, profile=False):
     study.teacher.requires_grad_(False)
     rows, build = [], None
     for mode in modes:
+        if "teacher" in variants:
+            rows.append(train_variant(study, "teacher", None, seeds[0], mode, profile=profile))
         if "alone" in variants:
             rows.append(train_variant(study, "alone", None, seeds[0], mode, profile=profile))
         if "alone_loader" in variants:

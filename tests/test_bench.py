@@ -1,8 +1,11 @@
 """The benchmark command: trains every variant and reports ratios computed from its own measurements."""
+import csv
 import json
 import math
 import re
 
+import pytest
+import torch
 import yaml
 
 import bench
@@ -38,6 +41,24 @@ def test_bench_times_the_chosen_variants_in_each_compile_mode(make_study, make_c
     assert all(r["last_images_per_s"] > 0 for r in rows)
     out = capsys.readouterr().out
     assert "| cached | default |" in out and "- compile default: cached / alone (c/a)" in out
+
+
+def test_bench_trains_a_fresh_teacher_on_its_recipe_when_asked(make_study, make_config, tmp_path, capsys):
+    make_study()
+    path = tmp_path / "bench.yaml"
+    # a recipe of its own (the students': lr 0.05, cosine); accept_checkpoint lets the study's teacher load
+    path.write_text(yaml.safe_dump(make_config(teacher={"train": {"lr": 0.02, "schedule": "constant"}})))
+    assert bench.main(["--config", str(path), "--epochs", "1", "--variants", "teacher", "alone", "--modes", "off",
+                       "--device", "cpu"]) == 0
+    rows = json.loads((tmp_path / "runs" / "c_bench" / "bench.json").read_text())
+    assert [r["variant"] for r in rows] == ["teacher", "alone"] and rows[0]["images_per_s"] > 0
+    folder = tmp_path / "runs" / "c_bench"
+    teacher = torch.load(folder / "teacher_off_s0" / "best.pt", weights_only=False)["model"]
+    student = torch.load(folder / "alone_off_s0" / "best.pt", weights_only=False)["model"]
+    assert sum(t.numel() for t in teacher.values()) > 2 * sum(t.numel() for t in student.values())  # the teacher's model
+    with open(folder / "teacher_off_s0" / "metrics.csv") as f:
+        assert float(next(csv.DictReader(f))["lr"]) == pytest.approx(0.02)
+    assert "| teacher | off |" in capsys.readouterr().out
 
 
 def test_bench_needs_the_teacher_checkpoint(make_config, tmp_path, capsys):
