@@ -30,6 +30,11 @@ class TeacherCache:
         self.arrays = {name: place(np.load(folder / f"{name}.npy", mmap_mode="c"), device)
                        for name in manifest["arrays"]}
 
+    @property
+    def layers(self):
+        """The tap keys of the teacher layers it holds."""
+        return {name.split(".", 1)[1] for name in self.arrays if name.startswith("feature.")}
+
     @staticmethod
     def locate(cfg, identity, feature_shapes, n, num_classes):
         """The cache's folder, keyed by everything that shapes the stored outputs, and its plan: array name ->
@@ -150,8 +155,7 @@ class TeacherCache:
             # Classes outside the top-k get a logit far below any kept one: ~zero probability, and no NaN.
             logits = torch.full((len(rows), self.manifest["num_classes"]), -1e4, device=self.device)
             logits.scatter_(1, classes.long(), values)
-        features = {name.split(".", 1)[1]: self._fetch(name, rows).float()
-                    for name in self.arrays if name.startswith("feature.")}
+        features = {layer: self._fetch(f"feature.{layer}", rows).float() for layer in self.layers}
         return {"logits": logits, "features": features}
 
     def _fetch(self, name, rows):

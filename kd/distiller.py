@@ -2,10 +2,12 @@
 import functools
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError, blame
+from .log import info
 from .losses import FEATURE_LOSSES, LOGIT_LOSSES, Probe, Step
 
 
@@ -52,6 +54,28 @@ def feature_layers(stages, side, key=None):
             for i, stage in enumerate(stages) for j, f in enumerate(stage.features) for name in getattr(f, side)]
 
 
+def truncated(model, names):
+    """`model` computing only what its modules `names` need, for their hooks to record: traced by torch.fx with
+    those modules kept as calls, everything after them dropped (the teacher's deeper layers and classifier, when
+    the cache holds its logits). None where the model cannot be traced (Python control flow on its input)."""
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, module, name):
+            return name in names or super().is_leaf_module(module, name)
+    try:
+        graph = Tracer().trace(model)
+    except Exception:  # tracing fails in many ways (data-dependent branches, unsupported calls)
+        return None
+    calls = [node for node in graph.nodes if node.op == "call_module" and node.target in names]
+    if {node.target for node in calls} != set(names):  # a module the model does not call as one
+        return None
+    next(node for node in graph.nodes if node.op == "output").args = (tuple(calls),)
+    prefix = torch.fx.GraphModule(model, graph)  # holds the model's own modules, hooks included, not copies
+    prefix.graph.eliminate_dead_code()
+    prefix.recompile()
+    prefix.delete_all_unused_submodules()
+    return prefix
+
+
 def device_of(model):
     return next(iter(model.parameters()), torch.empty(0)).device
 
@@ -61,13 +85,14 @@ class Distiller(nn.Module):
 
     The loss is ce_weight * CE + the logit method's term + sum of weight * feature term. With no methods it is
     plain cross-entropy, which is how the baseline student and the teacher itself are trained. The teacher's
-    outputs come from one place, `teacher_outputs`: replayed from `cache` when there is one, else computed.
+    outputs come from one place, `teacher_outputs`: replayed from `cache` when there is one, else computed; the
+    layers a cache lacks are computed by `teacher_prefix`, the teacher cut after them (see `truncated`).
     """
 
     def __init__(self, student, teacher=None, logit=None, features=(), label_smoothing=0.0, student_taps=None,
-                 teacher_taps=None, cache=None):
+                 teacher_taps=None, cache=None, teacher_prefix=None):
         super().__init__()
-        self.student, self.teacher = student, teacher
+        self.student, self.teacher, self.teacher_prefix = student, teacher, teacher_prefix
         self.logit = logit
         self.features = nn.ModuleList(method for method, *_ in features)
         self.pairs = [(s, t, w) for _, s, t, w in features]  # tap keys on each side, and the term's weight
@@ -80,7 +105,8 @@ class Distiller(nn.Module):
               teacher_taps=None):
         """Create the stage's methods; their modules are sized by one dry forward pass of `sample`, run on the
         device each model lives on, and live on the student's. `teacher_taps`: a study's taps on its teacher,
-        shared by its stages (they must record this stage's teacher layers); by default the stage's own."""
+        shared by its stages (they must record this stage's teacher layers); by default the stage's own. With a
+        `cache` that lacks some of the stage's teacher layers, those come from the teacher cut after them."""
         logit = None
         if stage.logit is not None:
             logit = LOGIT_LOSSES.build(stage.logit.name, f"{key}.logit", dict(stage.logit.params),
@@ -113,8 +139,15 @@ class Distiller(nn.Module):
                 if not isinstance(method, nn.Module):
                     raise ConfigError(f"{key}.features[{j}]", f"feature method '{f.name}' must be an nn.Module")
                 features.append((method.to(device_of(student)), s_keys, t_keys, f.weight))
+        live = {name for f in stage.features for name in f.teacher if tap_key(name, f.io) not in cache.layers} \
+            if cache is not None else set()
+        prefix = None
+        if live:
+            prefix = truncated(teacher, live)
+            if prefix is None:
+                info(f"[{key}] torch.fx cannot trace the teacher: it runs whole for the layers the cache lacks")
         return cls(student, teacher if stage.uses_teacher else None, logit, features, label_smoothing, student_taps,
-                   teacher_taps, cache)
+                   teacher_taps, cache, prefix or (teacher if live else None))
 
     def parts(self, key, student_key="student"):
         """(module, loss term, config key) of each part whose code may fail, so an error names the key to fix."""
@@ -125,8 +158,9 @@ class Distiller(nn.Module):
 
     def train(self, mode=True):
         super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
+        for frozen in (self.teacher, self.teacher_prefix):
+            if frozen is not None:
+                frozen.eval()
         return self
 
     def learnable(self):
@@ -135,12 +169,17 @@ class Distiller(nn.Module):
 
     def teacher_outputs(self, batch):
         """{"logits", "features"} of the teacher for `batch`: replayed from the cache (the view and indices say
-        which), or computed without autograd."""
-        if self.cache is not None:
-            return self.cache.lookup(batch.view, batch.index)
-        with torch.no_grad():
-            logits = self.teacher(batch.images)
-        return {"logits": logits, "features": self.teacher_taps.take()}
+        which), or computed without autograd; with both, the cache's and the prefix's layers together."""
+        if self.cache is None:
+            with torch.no_grad():
+                logits = self.teacher(batch.images)
+            return {"logits": logits, "features": self.teacher_taps.take()}
+        outputs = self.cache.lookup(batch.view, batch.index)
+        if self.teacher_prefix is not None:
+            with torch.no_grad():
+                self.teacher_prefix(batch.images)
+            outputs["features"].update(self.teacher_taps.take())
+        return outputs
 
     def forward(self, batch, epoch=0.0):
         """Loss terms for a Batch; `epoch` (fractional training progress) and the batch's labels and dataset

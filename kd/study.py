@@ -275,9 +275,9 @@ class Study:
         return what
 
     def replays(self, stage):
-        """Whether `stage` distills from the teacher cache rather than from the live teacher."""
-        mode = self.cfg.cache.mode
-        return stage.uses_teacher and mode != "off" and (mode == "logits+features" or not stage.features)
+        """Whether `stage` distills from the teacher cache: its logits, and the feature maps of `logits+features`;
+        under `logits` a feature stage runs its teacher only as far as the layers it matches."""
+        return stage.uses_teacher and self.cfg.cache.mode != "off"
 
     def student_job(self, stage, seed):
         """What makes a stage's student for one seed, and its Result if it finished under exactly that."""

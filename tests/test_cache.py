@@ -142,6 +142,46 @@ def test_distillation_loss_from_cache_equals_live_teacher(make_study, amp):
         assert cached[term].item() == pytest.approx(live[term].item(), rel=1e-3, abs=1e-4), term
 
 
+def test_a_feature_stage_takes_cached_logits_and_runs_its_teacher_only_as_far_as_its_layers(make_study):
+    """cache.mode logits, a FitNets stage: the logits come from the cache and the teacher's layers the cache lacks
+    from the teacher cut after them (its pooling and classifier never run), with the live teacher's loss terms."""
+    study = make_study(cache={"mode": "logits", "views": 2})
+    stage = study.cfg.stages[0]
+    assert study.replays(stage)
+    cache = study.teacher_cache()
+    assert cache.layers == set()
+    live, replayed = (study.new_distiller(stage, study.cfg.seed, c).train() for c in (None, cache))
+    assert replayed.teacher_prefix is not None and replayed.teacher_prefix is not study.teacher
+    calls = []
+    for name in ("pool", "fc"):
+        getattr(study.teacher, name).register_forward_hook(lambda *_, name=name: calls.append(name))
+    loader = students_loader(study)
+    loader.set_epoch(1)
+    batch = next(iter(loader))
+    _, cached = replayed(batch)
+    assert calls == []  # the classifier's logits came from the cache
+    _, reference = live(batch)
+    assert calls == ["pool", "fc"]
+    assert set(cached) == set(reference) == {"ce", "logit", "feat0", "loss"}
+    assert cached["feat0"].item() == pytest.approx(reference["feat0"].item(), rel=1e-6)  # the same teacher maps
+    assert cached["logit"].item() == pytest.approx(reference["logit"].item(), rel=1e-3, abs=1e-4)  # fp16 logits
+
+
+def test_a_teacher_that_torch_fx_cannot_trace_runs_whole_for_the_layers_the_cache_lacks(make_study, monkeypatch,
+                                                                                       capsys):
+    study = make_study(cache={"mode": "logits", "views": 2})
+    forward = type(study.teacher).forward
+    monkeypatch.setattr(type(study.teacher), "forward",  # a branch on the input's values
+                        lambda self, x: forward(self, x) if x.sum() != 0 else forward(self, x))
+    distiller = study.new_distiller(study.cfg.stages[0], study.cfg.seed, study.teacher_cache()).train()
+    assert distiller.teacher_prefix is study.teacher
+    assert "torch.fx cannot trace the teacher" in capsys.readouterr().out
+    loader = students_loader(study)
+    loader.set_epoch(0)
+    _, terms = distiller(next(iter(loader)))
+    assert torch.isfinite(terms["feat0"])
+
+
 def cache_folder(study):
     return study.teacher_cache().folder
 

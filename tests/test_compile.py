@@ -19,17 +19,19 @@ def metrics(tmp_path, name):
         return list(csv.DictReader(f))
 
 
-def study(tmp_path, make_config, name, compile_mode):  # noqa: F811
+def study(tmp_path, make_config, name, compile_mode, cache="logits+features"):  # noqa: F811
     path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(make_config(name=name, train={"epochs": 2, "compile": compile_mode})))
+    path.write_text(yaml.safe_dump(make_config(name=name, train={"epochs": 2, "compile": compile_mode},
+                                               cache={"mode": cache})))
     return run.main(["--config", str(path), "--device", "cpu"])
 
 
-def test_the_compiled_step_trains_as_the_eager_one_in_one_graph(make_config, tmp_path):  # noqa: F811
-    assert study(tmp_path, make_config, "eager", "off") == 0
+@pytest.mark.parametrize("cache", ["logits+features", "logits"])  # features from the cache, or a cut teacher
+def test_the_compiled_step_trains_as_the_eager_one_in_one_graph(make_config, tmp_path, cache):  # noqa: F811
+    assert study(tmp_path, make_config, "eager", "off", cache) == 0
     torch._dynamo.reset()
     counters.clear()
-    assert study(tmp_path, make_config, "compiled", "default") == 0
+    assert study(tmp_path, make_config, "compiled", "default", cache) == 0
     # one graph: training progress and the cache view reach it as tensors, and validation's records are dropped, so
     # no recompiling for each step, view or epoch
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])

@@ -35,7 +35,7 @@ def in_memory_data(fashion_files):
     return {"dataset": "fashion_mnist", "root": fashion_files(160, 64), "download": False, "pipeline": "tensor"}
 
 
-@pytest.mark.parametrize("cache", ["off", "logits+features"])
+@pytest.mark.parametrize("cache", ["off", "logits", "logits+features"])  # logits: feature stages cut the teacher
 def test_every_method_over_two_seeds_on_cuda(smoke_config, in_memory_data, tmp_path, capsys, cache):
     """The second seed of a feature stage sizes its connectors with the teacher already on the GPU: this crashed
     before dry passes ran on each model's own device."""
