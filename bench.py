@@ -12,8 +12,9 @@ In one process, with the config's recipe and the same seed, the student is train
   cached        distilled from the teacher-output cache, built first in a fresh folder (its cost is reported apart)
 using the first stage with a logit method (or --stage), for each train.compile mode in --modes (default: the
 config's); and on request (not by default)
-  teacher       a fresh teacher on its own recipe (teacher.train) for the students' number of epochs. Throughput is whole training epochs (data, augmentation, teacher or cache lookup, forward, backward,
-step), validation excluded: the mean over epochs, and the last epoch's alone (steady state: compiling happens in
+  teacher       a fresh teacher on its own recipe (teacher.train) for the students' number of epochs.
+Throughput is whole training epochs (data, augmentation, teacher or cache lookup, forward, backward, step),
+validation excluded: the mean over epochs, and the last epoch's alone (steady state: compiling happens in
 the first). The teacher checkpoint must exist: run the study first. Results go to <output_dir>/<name>_bench/
 (bench.md, bench.json) and are printed. --profile also profiles each run's last epoch (torch.profiler: wall and
 GPU-busy milliseconds per step, the operators that cost most on the host and on the GPU) into profile_<run>.txt.

@@ -139,15 +139,15 @@ class Distiller(nn.Module):
                 if not isinstance(method, nn.Module):
                     raise ConfigError(f"{key}.features[{j}]", f"feature method '{f.name}' must be an nn.Module")
                 features.append((method.to(device_of(student)), s_keys, t_keys, f.weight))
-        live = {name for f in stage.features for name in f.teacher if tap_key(name, f.io) not in cache.layers} \
-            if cache is not None else set()
         prefix = None
-        if live:
-            prefix = truncated(teacher, live)
-            if prefix is None:
+        if cache is not None:  # the teacher layers it lacks come from the teacher cut after them
+            live = {name for f in stage.features for name in f.teacher if tap_key(name, f.io) not in cache.layers}
+            prefix = truncated(teacher, live) if live else None
+            if live and prefix is None:
                 info(f"[{key}] torch.fx cannot trace the teacher: it runs whole for the layers the cache lacks")
+                prefix = teacher
         return cls(student, teacher if stage.uses_teacher else None, logit, features, label_smoothing, student_taps,
-                   teacher_taps, cache, prefix or (teacher if live else None))
+                   teacher_taps, cache, prefix)
 
     def parts(self, key, student_key="student"):
         """(module, loss term, config key) of each part whose code may fail, so an error names the key to fix."""
