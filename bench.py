@@ -9,7 +9,8 @@ In one process, with the config's recipe and the same seed, the student is train
   alone         labels only, tensor pipeline
   alone_loader  labels only, torch DataLoader with per-image transforms (one epoch: pipeline throughput only)
   live          distilled with the teacher's forward pass on every step (what torchdistill, mdistiller do)
-  cached        distilled from the teacher-output cache, built first in a fresh folder (its cost is reported apart)
+  cached        distilled from the teacher-output cache, built first in a fresh folder (its cost is reported apart),
+                in the config's cache.mode (a feature stage under `logits` runs its teacher up to its layers)
 using the first stage with a logit method (or --stage), for each train.compile mode in --modes (default: the
 config's); and on request (not by default)
   teacher       a fresh teacher on its own recipe (teacher.train) for the students' number of epochs.
@@ -94,8 +95,11 @@ def bench_config(args):
     return dataclasses.replace(cfg, name=name, cache=cache), stages[0]
 
 
-def cache_mode(stage):
-    """What the cached variant replays: the teacher's logits, and the layers the stage's feature methods match."""
+def cache_mode(cfg, stage):
+    """What the cached variant replays: the config's cache.mode (under `logits` a feature stage runs its teacher
+    cut after the layers it matches), or with the cache off everything the stage uses."""
+    if cfg.cache.mode != "off":
+        return cfg.cache.mode
     return "logits+features" if stage.features else "logits"
 
 
@@ -153,7 +157,7 @@ def run(cfg, stage, seeds, variants, modes, profile=False):
             if "cached" in variants:
                 if build is None:
                     start = time.perf_counter()
-                    study.teacher_cache(mode=cache_mode(stage))
+                    study.teacher_cache(mode=cache_mode(cfg, stage))
                     build = time.perf_counter() - start
                 rows.append(train_variant(study, "cached", stage, seed, mode, study.teacher_cache(), profile))
     return study, rows, build
@@ -196,7 +200,7 @@ def summarize(study, stage, rows, build):
             notes.append(f"- compile {mode}: " + "; ".join(ratios))
     lines += [""] + notes + [f"- profile {r['profile']}" for r in rows if r.get("profile")]
     if build is not None:
-        lines.append(f"- cache build (one-off, {study.cfg.cache.views} views, mode {cache_mode(stage)}): {build:.1f} s")
+        lines.append(f"- cache build (one-off, {study.cfg.cache.views} views, mode {cache_mode(study.cfg, stage)}): {build:.1f} s")
     return "\n".join(lines) + "\n"
 
 

@@ -61,6 +61,19 @@ def test_bench_trains_a_fresh_teacher_on_its_recipe_when_asked(make_study, make_
     assert "| teacher | off |" in capsys.readouterr().out
 
 
+def test_bench_replays_the_configs_cache_mode_and_everything_with_the_cache_off(make_study, make_config, tmp_path,
+                                                                               capsys):
+    """Under `logits` the feature stage's cached variant takes the cached logits and cuts its teacher."""
+    make_study()
+    for mode, replayed in (("logits", "logits"), ("off", "logits+features")):
+        path = tmp_path / "bench.yaml"
+        path.write_text(yaml.safe_dump(make_config(cache={"mode": mode})))
+        assert bench.main(["--config", str(path), "--epochs", "1", "--variants", "cached", "--device", "cpu"]) == 0
+        assert f"views, mode {replayed}):" in capsys.readouterr().out
+        arrays = {p.name for p in (tmp_path / "runs" / "c_bench" / "cache").glob("*/*.npy")}
+        assert arrays == {"logits.npy"} | ({"feature.stages.1.npy"} if mode == "off" else set()), arrays
+
+
 def test_bench_needs_the_teacher_checkpoint(make_config, tmp_path, capsys):
     path = tmp_path / "bench.yaml"
     path.write_text(yaml.safe_dump(make_config()))
