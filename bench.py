@@ -108,6 +108,7 @@ def train_variant(study, variant, stage, seed, mode, cache=None, profile=False):
     recipe, labels only) with `mode` as its compile mode; return its training throughput (mean over epochs, and
     the last epoch's), test accuracy and, with `profile`, its last epoch's profile (the file's first line)."""
     name, cfg = f"{variant}_{mode}_s{seed}", study.cfg
+    recipe_key = "teacher.train" if variant == "teacher" else "train"  # named by the recipe's one-line errors
     model, recipe = (cfg.teacher, cfg.teacher.train) if variant == "teacher" else (cfg.student, cfg.train)
     distiller = Distiller(study.new_model(model, variant if variant == "teacher" else "student", seed),
                           label_smoothing=recipe.label_smoothing) if stage is None \
@@ -116,7 +117,7 @@ def train_variant(study, variant, stage, seed, mode, cache=None, profile=False):
     recipe = dataclasses.replace(recipe, compile=mode, epochs=cfg.train.epochs,
                                  warmup_epochs=min(recipe.warmup_epochs, cfg.train.epochs))
     trained = study.fit(name, distiller, recipe, key=name, seed=seed, views=cfg.cache.views if cache else None,
-                        profile=profiled)
+                        profile=profiled, recipe=recipe_key)
     result = study.finish(name, distiller.student, name, f"{name}/{BEST}", trained)
     with open(study.folder.model(name) / METRICS) as f:
         last = list(csv.DictReader(f))[-1]

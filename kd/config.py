@@ -205,7 +205,9 @@ class StageConfig:
 @dataclass
 class CacheConfig:
     """Teacher outputs computed once per (view, image) and replayed, instead of a teacher pass every step."""
-    mode: str = "off"  # off | logits | logits+features (the teacher layers that feature methods match)
+    # off | logits (a feature stage then runs its teacher cut after its layers) | logits+features (the teacher
+    # layers that feature methods match, cached too)
+    mode: str = "off"
     views: int = 4  # augmented views per image; student epoch e replays view e mod views
     dir: str = _setting("cache")
     topk: int | None = None  # keep only the k largest logits per image (for many classes, as ImageNet's 1000)

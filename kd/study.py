@@ -336,15 +336,16 @@ class Study:
         return cards.make(model_cfg, self.data, {"study": self.cfg.name, "model": name, "fingerprint": key,
                                                 "data": self.data.content})
 
-    def fit(self, name, distiller, train_cfg, key, seed, views=None, card=None, profile=None):
+    def fit(self, name, distiller, train_cfg, key, seed, views=None, card=None, profile=None, recipe=None):
         """Train (or resume) one model; leaves its best validation weights loaded and returns training facts.
         Batch order follows `seed`; augmentation always the study's seed, the one the teacher cache replays.
-        `profile`: a file to profile the last epoch into (bench.py --profile)."""
+        `profile`: a file to profile the last epoch into (bench.py --profile). `recipe`: the config key of
+        `train_cfg`, named by its errors (default: the teacher's for `name` "teacher", else the students')."""
         loaders = (train_loader(self.data, self.cfg.data, self.device, seed, views=views, aug_seed=self.cfg.seed,
                                 rank=self.rt.rank, world=self.rt.world),
                    eval_loaders(self.data, self.cfg.data, self.device)[0])
         trainer = Trainer(distiller.to(self.device), train_cfg, loaders, self.device, self.folder.model(name), seed,
-                          key, name, card, "teacher.train" if name == "teacher" else "train", profile)
+                          key, name, card, recipe or ("teacher.train" if name == "teacher" else "train"), profile)
         if trainer.last_path.exists():
             if not self.resume:
                 raise KDError(f"{trainer.last_path}: an unfinished run is there; pass --resume to continue it, "
