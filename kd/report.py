@@ -5,6 +5,7 @@ import platform
 
 import torch
 
+from .log import describe_time
 from .store import write_text
 
 MB = 2 ** 20
@@ -124,8 +125,9 @@ def markdown(report):
         notes += [f"**int8 costs {n} {100 * lost:.2f} points of test top-1** (more than 1 point)."
                   for n, lost in int8_losses(report["models"]) if lost > 0.01]
     if m.get("seconds"):
-        notes.append("Wall time of this run by phase (a stage's includes its students' validation, test evaluation "
-                     "and checkpoints): " + ", ".join(f"{k} {v:.1f} s" for k, v in m["seconds"].items()) + ".")
+        notes.append("Wall time of this run by phase, and within the teacher's and each stage's: training epochs, "
+                     "validation, checkpoints, test evaluation and other work (building models, loading weights): "
+                     + describe_time(m["seconds"], m.get("seconds_within", {})) + ".")
     if m["teacher_note"]:
         notes.append(f"**The teacher checkpoint was used although it {m['teacher_note']}** (teacher.accept_checkpoint).")
     return "\n".join(lines + [""] + notes) + "\n"
@@ -154,7 +156,7 @@ def deployment(models, b):
 def write_report(run_dir, cfg, data, device, rows, facts):
     """`facts`: the study's own, {"precision": {config key: precision used}, "compile": {config key: mode},
     "graph": {config key: whether the step was one CUDA graph}, "teacher_note": what differs or None, "deploy":
-    kd/deploy.py's facts or None, "seconds": {phase: wall seconds}}."""
+    kd/deploy.py's facts or None, "seconds": {phase: wall seconds}, "seconds_within": {phase: {part: wall seconds}}} (kd/log.py's Clock)."""
     for name, row in rows.items():
         row["uses_teacher"] = None if name == "teacher" else next(s for s in cfg.stages if s.name == name).uses_teacher
     add_ratios(rows, cfg.eval.batch_size)

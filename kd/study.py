@@ -1,5 +1,4 @@
 """The study: obtain a teacher, train (or reuse) every student stage for every seed, measure all models, report."""
-import contextlib
 import dataclasses
 import os
 import statistics
@@ -18,7 +17,7 @@ from .device import barrier, memory_format, resolve_amp, setup
 from .distiller import Distiller, Taps, feature_layers
 from .errors import ConfigError, KDError
 from .evaluate import accuracy, profile
-from .log import info
+from .log import Clock, describe_time, info
 from .models import count_parameters, create_model, load_weights
 from .preflight import dry_step
 from .report import write_report
@@ -78,10 +77,10 @@ class Study:
         for decision in self.rt.decisions:
             info(decision)
         self.device, self.main = self.rt.device, self.rt.main
-        self.seconds = {}  # wall time per phase of the run, printed at its end
+        self.clock = Clock()  # wall time per phase of the run (and part of a phase), printed at its end
         if not self.main:
             barrier()  # rank 0 downloads or unpacks the data first
-        with self.timed("data"):
+        with self.clock.phase("data"):
             self.data = build_data(cfg.data, self.device, distributed=self.rt.world > 1)
         if self.main:
             barrier()
@@ -98,45 +97,35 @@ class Study:
         self._cache = None
 
     def run(self):
-        with self.timed("check"):
+        with self.clock.phase("check"):
             self.check()
         if self.main:
             write_text(self.folder.root / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
-        with self.timed("teacher"):
+        with self.clock.phase("teacher"):
             results = {"teacher": row(self.obtain_teacher())}
         self.teacher.requires_grad_(False)
         jobs = [self.student_job(stage, seed) for stage in self.cfg.stages for seed in self.cfg.student_seeds]
         if any(job.done is None and self.replays(job.stage) for job in jobs):
-            with self.timed("cache"):
+            with self.clock.phase("cache"):
                 self.teacher_cache()  # before any student trains: a cache that cannot be built stops the run here
         for stage in self.cfg.stages:
-            with self.timed(f"stage {stage.name}"):
+            with self.clock.phase(f"stage {stage.name}"):
                 results[stage.name] = over_seeds([self.train_student(job) for job in jobs if job.stage is stage],
                                                  self.cfg.student_seeds)
         if self.main:
-            with self.timed("profiles"):
+            with self.clock.phase("profiles"):
                 rows = self.profile_all(results)
                 deployed = deploy_module().facts(self.cfg.deploy, len(self.data.train)) if self.cfg.deploy.onnx \
                     else None
-            with self.timed("report"):
+            with self.clock.phase("report"):
                 report = write_report(self.folder.root, self.cfg, self.data, self.device, rows,
                                       {"precision": self.rt.precision, "compile": self.rt.compile,
                                        "graph": self.rt.graph, "teacher_note": self.teacher_note, "deploy": deployed,
-                                       "seconds": dict(self.seconds)})
+                                       "seconds": self.clock.phases, "seconds_within": self.clock.parts})
                 self.plot(report)
-            info("[time] " + ", ".join(f"{name} {s:.1f} s" for name, s in self.seconds.items()) +
-                 f" (total {sum(self.seconds.values()):.1f} s)")
+            info(f"[time] {describe_time(self.clock.phases, self.clock.parts)} "
+                 f"(total {sum(self.clock.phases.values()):.1f} s)")
             return report
-
-    @contextlib.contextmanager
-    def timed(self, phase):
-        """Add the wall time of what runs inside to `phase`: where a study's time goes, training or not (each
-        stage's time includes its students' validation, test evaluation and checkpoints)."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
     def plot(self, report):
         try:
@@ -345,7 +334,8 @@ class Study:
                                 rank=self.rt.rank, world=self.rt.world),
                    eval_loaders(self.data, self.cfg.data, self.device)[0])
         trainer = Trainer(distiller.to(self.device), train_cfg, loaders, self.device, self.folder.model(name), seed,
-                          key, name, card, recipe or ("teacher.train" if name == "teacher" else "train"), profile)
+                          key, name, card, recipe or ("teacher.train" if name == "teacher" else "train"), profile,
+                          self.clock)
         if trainer.last_path.exists():
             if not self.resume:
                 raise KDError(f"{trainer.last_path}: an unfinished run is there; pass --resume to continue it, "
@@ -364,8 +354,9 @@ class Study:
     def finish(self, name, model, key, checkpoint, training, identity=None):
         """Validation and test accuracy, computed once per finished model and stored beside it as its Result."""
         val_loader, test_loader = eval_loaders(self.data, self.cfg.data, self.device)
-        val = accuracy(model.to(self.device), val_loader, self.device)
-        test = accuracy(model, test_loader, self.device)
+        with self.clock.part("evaluation"):
+            val = accuracy(model.to(self.device), val_loader, self.device)
+            test = accuracy(model, test_loader, self.device)
         result = Result(key, checkpoint, val["top1"], test["top1"], test["top5"], test["loss"], training, identity)
         if self.main:
             self.folder.store(name, result)

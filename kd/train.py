@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .device import barrier, is_main, memory_format, resolve_compile, resolve_graph
 from .errors import ConfigError, KDError, first_line
 from .evaluate import accuracy
-from .log import Progress, info
+from .log import Clock, Progress, info
 from .profile import profiled
 from .step import TrainStep
 from .store import BEST, LAST, METRICS, atomic, load, save
@@ -86,9 +86,10 @@ class Trainer:
     checkpoint (`cfg.checkpoint_seconds`), all inside `out_dir`."""
 
     def __init__(self, distiller, cfg, loaders, device, out_dir, seed, fingerprint, name, card=None, key="train",
-                 profile=None):
+                 profile=None, clock=None):
         self.distiller, self.cfg, self.device, self.name, self.card, self.key = distiller, cfg, device, name, card, key
         self.profile = profile  # a file: the last epoch is profiled into it (kd/profile.py; bench.py --profile)
+        self.clock = clock or Clock()  # the run's: epochs, validation and checkpoints timed as parts of its phase
         self.main = is_main()  # the one process that writes files
         self.model = distiller
         if dist.is_initialized():  # gradients of the student and the methods' modules are averaged across processes
@@ -144,9 +145,10 @@ class Trainer:
         """Train the remaining epochs; return the best validation result and the mean training throughput."""
         if self.epoch == 0 and self.cfg.epochs == 0:
             self.keep_best(self.validate()["top1"])
-            self.write_best()
+            with self.clock.part("checkpoints"):
+                self.write_best()
         while self.epoch < self.cfg.epochs:
-            with profiled(self.profile, self.device, len(self.train_loader)) \
+            with self.clock.part("epochs"), profiled(self.profile, self.device, len(self.train_loader)) \
                     if self.profile and self.epoch == self.cfg.epochs - 1 else contextlib.nullcontext():
                 train = self.train_epoch()
             val = self.validate()
@@ -175,8 +177,9 @@ class Trainer:
         """best.pt (if a better epoch came since it was written), then last.pt, which records that epoch as the
         best: a run resumes from a pair that agree, having lost at most the epochs since."""
         if self.main:
-            self.write_best()
-            save(self.state(), self.last_path)
+            with self.clock.part("checkpoints"):
+                self.write_best()
+                save(self.state(), self.last_path)
         self.saved_at = time.perf_counter()
 
     def train_epoch(self):
@@ -217,7 +220,8 @@ class Trainer:
                               f"{self.name}: {first_line(e)}; set it to off") from None
 
     def validate(self):
-        result = accuracy(self.distiller.student, self.val_loader, self.device, self.cfg.amp, self.memory_format)
+        with self.clock.part("validation"):
+            result = accuracy(self.distiller.student, self.val_loader, self.device, self.cfg.amp, self.memory_format)
         self.distiller.student_taps.take()  # drop what validation recorded: a compiled step guards on the taps
         return result
 

@@ -45,6 +45,13 @@ def test_cli_smoke_study_writes_reports_and_reuses_finished_stages(smoke_config)
     assert list(seconds) == ["data", "check", "teacher", "stage baseline", "stage kd", "stage kd_fitnets", "profiles"]
     assert all(s > 0 for s in seconds.values()) and seconds["stage kd_fitnets"] > seconds["check"]
     assert "[time] data " in proc.stdout and " report " in proc.stdout.split("[time]")[1]
+    # and, within the teacher's and each stage's, what went to training epochs and what to the rest
+    within = report["meta"]["seconds_within"]
+    assert list(within) == ["teacher", "stage baseline", "stage kd", "stage kd_fitnets"]
+    for phase, parts in within.items():
+        assert list(parts) == ["epochs", "validation", "checkpoints", "evaluation"], phase
+        assert all(s > 0 for s in parts.values()) and sum(parts.values()) < seconds[phase], phase
+    assert f"stage kd {seconds['stage kd']:.1f} s (epochs {within['stage kd']['epochs']:.1f}, " in proc.stdout
 
     mtime = (run_dir / "kd" / "best.pt").stat().st_mtime_ns
     again = subprocess.run([sys.executable, str(ROOT / "run.py"), "--config", str(cfg), "--device", "cpu"],
