@@ -352,11 +352,13 @@ class Study:
                                           for m in methods for t in m.state_dict().values())}
 
     def finish(self, name, model, key, checkpoint, training, identity=None):
-        """Validation and test accuracy, computed once per finished model and stored beside it as its Result."""
+        """Validation and test accuracy, computed once per finished model and stored beside it as its Result: in
+        fp32, as deployed, and in the memory layout the model trained in (faster: README, What a study does)."""
         val_loader, test_loader = eval_loaders(self.data, self.cfg.data, self.device)
+        layout = memory_format(self.cfg.teacher.train if name == "teacher" else self.cfg.train)
         with self.clock.part("evaluation"):
-            val = accuracy(model.to(self.device), val_loader, self.device)
-            test = accuracy(model, test_loader, self.device)
+            val = accuracy(model.to(self.device), val_loader, self.device, memory_format=layout)
+            test = accuracy(model, test_loader, self.device, memory_format=layout)
         result = Result(key, checkpoint, val["top1"], test["top1"], test["top5"], test["loss"], training, identity)
         if self.main:
             self.folder.store(name, result)
