@@ -156,7 +156,8 @@ def deployment(models, b):
 def write_report(run_dir, cfg, data, device, rows, facts):
     """`facts`: the study's own, {"precision": {config key: precision used}, "compile": {config key: mode},
     "graph": {config key: whether the step was one CUDA graph}, "teacher_note": what differs or None, "deploy":
-    kd/deploy.py's facts or None, "seconds": {phase: wall seconds}, "seconds_within": {phase: {part: wall seconds}}} (kd/log.py's Clock)."""
+    kd/deploy.py's facts or None, "seconds": {phase: wall seconds}, "seconds_within": {phase: {part: wall
+    seconds}}} (kd/log.py's Clock)."""
     for name, row in rows.items():
         row["uses_teacher"] = None if name == "teacher" else next(s for s in cfg.stages if s.name == name).uses_teacher
     add_ratios(rows, cfg.eval.batch_size)
