@@ -334,8 +334,8 @@ class Study:
                                 rank=self.rt.rank, world=self.rt.world),
                    eval_loaders(self.data, self.cfg.data, self.device)[0])
         trainer = Trainer(distiller.to(self.device), train_cfg, loaders, self.device, self.folder.model(name), seed,
-                          key, name, card, recipe or ("teacher.train" if name == "teacher" else "train"), profile,
-                          self.clock)
+                          key, name, self.clock, card, recipe or ("teacher.train" if name == "teacher" else "train"),
+                          profile)
         if trainer.last_path.exists():
             if not self.resume:
                 raise KDError(f"{trainer.last_path}: an unfinished run is there; pass --resume to continue it, "

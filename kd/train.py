@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .device import barrier, is_main, memory_format, resolve_compile, resolve_graph
 from .errors import ConfigError, KDError, first_line
 from .evaluate import accuracy
-from .log import Clock, Progress, info
+from .log import Progress, info
 from .profile import profiled
 from .step import TrainStep
 from .store import BEST, LAST, METRICS, atomic, load, save
@@ -85,11 +85,11 @@ class Trainer:
     with `best.pt` (student weights of the best validation epoch, with the model's card: kd/card.py) at every
     checkpoint (`cfg.checkpoint_seconds`), all inside `out_dir`."""
 
-    def __init__(self, distiller, cfg, loaders, device, out_dir, seed, fingerprint, name, card=None, key="train",
-                 profile=None, clock=None):
+    def __init__(self, distiller, cfg, loaders, device, out_dir, seed, fingerprint, name, clock, card=None,
+                 key="train", profile=None):
         self.distiller, self.cfg, self.device, self.name, self.card, self.key = distiller, cfg, device, name, card, key
         self.profile = profile  # a file: the last epoch is profiled into it (kd/profile.py; bench.py --profile)
-        self.clock = clock or Clock()  # the run's: epochs, validation and checkpoints timed as parts of its phase
+        self.clock = clock  # the run's (kd/log.py): epochs, validation and checkpoints timed as parts of its phase
         self.main = is_main()  # the one process that writes files
         self.model = distiller
         if dist.is_initialized():  # gradients of the student and the methods' modules are averaged across processes
