@@ -108,10 +108,10 @@ def train_variant(study, variant, stage, seed, mode, cache=None, profile=False):
     recipe, labels only) with `mode` as its compile mode; return its training throughput (mean over epochs, and
     the last epoch's), test accuracy and, with `profile`, its last epoch's profile (the file's first line)."""
     name, cfg = f"{variant}_{mode}_s{seed}", study.cfg
-    recipe_key = "teacher.train" if variant == "teacher" else "train"  # named by the recipe's one-line errors
-    model, recipe = (cfg.teacher, cfg.teacher.train) if variant == "teacher" else (cfg.student, cfg.train)
-    distiller = Distiller(study.new_model(model, variant if variant == "teacher" else "student", seed),
-                          label_smoothing=recipe.label_smoothing) if stage is None \
+    # the model's config, its key and its recipe's (named by the recipe's one-line errors)
+    model, key, recipe, recipe_key = (cfg.teacher, "teacher", cfg.teacher.train, "teacher.train") \
+        if variant == "teacher" else (cfg.student, "student", cfg.train, "train")
+    distiller = Distiller(study.new_model(model, key, seed), label_smoothing=recipe.label_smoothing) if stage is None \
         else study.new_distiller(stage, seed, cache)
     profiled = cfg.run_dir / f"profile_{name}.txt" if profile else None
     recipe = dataclasses.replace(recipe, compile=mode, epochs=cfg.train.epochs,
@@ -201,7 +201,8 @@ def summarize(study, stage, rows, build):
             notes.append(f"- compile {mode}: " + "; ".join(ratios))
     lines += [""] + notes + [f"- profile {r['profile']}" for r in rows if r.get("profile")]
     if build is not None:
-        lines.append(f"- cache build (one-off, {study.cfg.cache.views} views, mode {cache_mode(study.cfg, stage)}): {build:.1f} s")
+        lines.append(f"- cache build (one-off, {study.cfg.cache.views} views, mode {cache_mode(study.cfg, stage)}): "
+                     f"{build:.1f} s")
     return "\n".join(lines) + "\n"
 
 

@@ -353,9 +353,10 @@ class Study:
 
     def finish(self, name, model, key, checkpoint, training, identity=None):
         """Validation and test accuracy, computed once per finished model and stored beside it as its Result: in
-        fp32, as deployed, and in the memory layout the model trained in (faster: README, What a study does)."""
+        fp32, as deployed, and in the memory layout every model's inference is measured in (profile_all), the
+        students' (faster: README, What a study does)."""
         val_loader, test_loader = eval_loaders(self.data, self.cfg.data, self.device)
-        layout = memory_format(self.cfg.teacher.train if name == "teacher" else self.cfg.train)
+        layout = memory_format(self.cfg.train)
         with self.clock.part("evaluation"):
             val = accuracy(model.to(self.device), val_loader, self.device, memory_format=layout)
             test = accuracy(model, test_loader, self.device, memory_format=layout)
