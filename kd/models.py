@@ -13,11 +13,15 @@ SMALL_IMAGE = 64  # at or below this size, ResNets keep full resolution in the s
 
 
 @MODELS.register("resnet18")
-def resnet18(in_channels, num_classes, image_size):
-    """torchvision's ResNet-18; for small images a 3x3 stride-1 stem without max-pool, as is standard for CIFAR."""
+def resnet18(in_channels, num_classes, image_size, stem_stride: int = 1):
+    """torchvision's ResNet-18; for small images a 3x3 stem without max-pool, of stride 1 as is standard for CIFAR
+    (`stem_stride: 2` halves the resolution of every stage: a quarter of the compute, for quick teachers)."""
+    if stem_stride not in (1, 2) or (stem_stride != 1 and image_size > SMALL_IMAGE):
+        raise ValueError(f"stem_stride must be 1 or 2 and applies to images of {SMALL_IMAGE} px or less, got "
+                         f"{stem_stride} for {image_size} px")
     model = torchvision.models.resnet18(num_classes=num_classes)
     if image_size <= SMALL_IMAGE:
-        model.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+        model.conv1 = nn.Conv2d(in_channels, 64, 3, stem_stride, 1, bias=False)
         model.maxpool = nn.Identity()
     elif in_channels != 3:
         model.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)

@@ -38,6 +38,16 @@ def test_small_image_resnet_keeps_resolution_and_large_one_downsamples():
     assert large.conv1.kernel_size == (7, 7) and large(torch.randn(1, 3, 224, 224)).shape == (1, 5)
 
 
+def test_a_stride_2_stem_halves_every_stage_of_a_small_image_resnet_and_is_refused_for_large_images():
+    full, quick = (create_model("resnet18", "t", {"stem_stride": s}, 1, 10, 28) for s in (1, 2))
+    assert count_parameters(full) == count_parameters(quick)
+    shapes = lambda m: [m.layer1(m.relu(m.bn1(m.conv1(torch.randn(1, 1, 28, 28))))).shape[-1]]
+    assert shapes(full) == [28] and shapes(quick) == [14]
+    assert 3.5 < macs_per_image(full, (1, 28, 28), CPU) / macs_per_image(quick, (1, 28, 28), CPU) < 4.5
+    with pytest.raises(ConfigError, match="stem_stride"):
+        create_model("resnet18", "t", {"stem_stride": 2}, 3, 5, 224)
+
+
 def test_torchvision_classifiers_by_name_and_their_channel_check():
     model = create_model("mobilenet_v3_small", "student", {}, 3, 7, 64)
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
