@@ -108,6 +108,9 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 10
+    # learn from only the first this-many training images (a prefix of the fixed training split, so students with
+    # fewer labelled images than their teacher see a part of what it saw); None: all of them
+    subset: int | None = None
     optimizer: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
@@ -131,6 +134,7 @@ class TrainConfig:
 
     def validate(self, key):
         _check(self.epochs >= 0, f"{key}.epochs", "must be >= 0", self.epochs)
+        _check(self.subset is None or self.subset >= 1, f"{key}.subset", "must be >= 1 or null", self.subset)
         _choice(self.optimizer, ("sgd", "adamw"), f"{key}.optimizer")
         _check(self.lr > 0, f"{key}.lr", "must be > 0", self.lr)
         _check(0 <= self.momentum < 1, f"{key}.momentum", "must be in [0, 1)", self.momentum)
@@ -298,8 +302,12 @@ class Config:
                 _choice(f.io, ("output", "input"), f"stages[{i}].features[{j}].io")
 
 
-def validate_runtime(cfg, device, world, in_memory):
+def validate_runtime(cfg, device, world, in_memory, train_images):
     """The checks that need the machine or the data, run as soon as both are known, before any work."""
+    for key, train_cfg in (("teacher.train.subset", cfg.teacher.train), ("train.subset", cfg.train)):
+        if train_cfg.subset and train_cfg.subset > train_images:
+            raise ConfigError(key, f"{train_cfg.subset} is more than the {train_images} training images "
+                                   "(data.train_subset, less data.val_size)")
     if cfg.data.batch_size % world:
         raise ConfigError("data.batch_size", f"{cfg.data.batch_size} does not split evenly over {world} processes")
     for key, train_cfg in (("teacher.train.amp", cfg.teacher.train), ("train.amp", cfg.train)):

@@ -1,4 +1,5 @@
 """Datasets by name, a validation split held out of the training set, and the loaders."""
+import dataclasses
 import gzip
 import hashlib
 import shutil
@@ -52,6 +53,15 @@ class Data:
     @property
     def pipeline(self):
         return "tensor" if self.tensors else "loader"
+
+    def first(self, n):
+        """The same data with only its first `n` training images (None: all), as a recipe's `subset` asks. The
+        training split's order is fixed (data.split_seed), so a subset is a prefix of every larger one: the
+        students of a smaller subset see a part of what their teacher saw, at the same indices."""
+        if n is None or n >= len(self.train):
+            return self
+        tensors = self.tensors and {**self.tensors, "train": tuple(t[:n] for t in self.tensors["train"])}
+        return dataclasses.replace(self, train=Subset(self.train.dataset, self.train.indices[:n]), tensors=tensors)
 
 
 def small_image_transforms(cfg, size, mean, std):

@@ -97,8 +97,11 @@ def markdown(report):
     m = report["meta"]
     if m.get("deploy"):
         lines += ["", f"Deployment on the CPU ({m['deploy']['cpu']}):", ""] + deployment(report["models"], b)
+    learnt = {who: m.get(f"{who}_train_images", m["train_images"]) for who in ("teacher", "student")}
+    subsets = "" if set(learnt.values()) == {m["train_images"]} else \
+        f"; the teacher learnt from {learnt['teacher']} of the training images, the students from {learnt['student']}"
     notes = [f"Study `{m['study']}` on {m['dataset']} ({m['train_images']} train / {m['val_images']} val / "
-             f"{m['test_images']} test images), {m['date']}.",
+             f"{m['test_images']} test images{subsets}), {m['date']}.",
              f"Device: {m['device']}; torch {m['torch']}. Latency: median (p90) of {m['repeats']} forward passes "
              f"after {m['warmup']} warm-up passes, inputs already on the device, fp32. Peak memory: one forward pass "
              f"at batch {b}, weights and input included ({m['memory_method']}).",
@@ -162,6 +165,8 @@ def write_report(run_dir, cfg, data, device, rows, facts):
         row["uses_teacher"] = None if name == "teacher" else next(s for s in cfg.stages if s.name == name).uses_teacher
     add_ratios(rows, cfg.eval.batch_size)
     report = {"meta": {"study": cfg.name, "dataset": cfg.data.dataset, "train_images": len(data.train),
+                       "teacher_train_images": len(data.first(cfg.teacher.train.subset).train),
+                       "student_train_images": len(data.first(cfg.train.subset).train),
                        "val_images": len(data.val), "test_images": len(data.test), "device": device_name(device),
                        "torch": torch.__version__, "eval_batch_size": cfg.eval.batch_size, "warmup": cfg.eval.warmup,
                        "repeats": cfg.eval.repeats,

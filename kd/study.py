@@ -84,7 +84,9 @@ class Study:
             self.data = build_data(cfg.data, self.device, distributed=self.rt.world > 1)
         if self.main:
             barrier()
-        validate_runtime(cfg, self.device, self.rt.world, in_memory=bool(self.data.tensors))
+        validate_runtime(cfg, self.device, self.rt.world, in_memory=bool(self.data.tensors),
+                         train_images=len(self.data.train))
+        self.student_data = self.data.first(cfg.train.subset)  # what every student (and the teacher cache) sees
         self.folder = RunFolder(cfg.run_dir)
         self.sample = sample_batch(self.data)  # (images, labels) on the CPU, for dry passes
         self.image_shape = tuple(self.sample[0].shape[1:])
@@ -146,7 +148,7 @@ class Study:
     def new_distiller(self, stage, seed, cache=None):
         student = self.new_model(self.cfg.student, "student", seed).to(self.device)
         return Distiller.build(stage, student, self.teacher, self.sample[0], self.cfg.train.label_smoothing,
-                               f"stages[{self.cfg.stages.index(stage)}]", num_samples=len(self.data.train),
+                               f"stages[{self.cfg.stages.index(stage)}]", num_samples=len(self.student_data.train),
                                cache=cache, teacher_taps=self.teacher_taps)
 
     def check(self):
@@ -305,16 +307,17 @@ class Study:
         shapes = {k: tuple(v.shape[1:]) for k, v in self.teacher_taps.take().items() if k in layers}
         # the students' batch size changes their training, not the images the teacher sees
         data = {k: v for k, v in self.data_identity("training").items() if k != "batch_size"}
-        identity = {"data": data, "teacher": self.teacher_digest, "seed": self.cfg.seed,
+        n = len(self.student_data.train)
+        identity = {"data": data, "images": n, "teacher": self.teacher_digest, "seed": self.cfg.seed,
                     "amp": resolve_amp(self.cfg.train.amp, self.device)}
-        return c, *TeacherCache.locate(c, identity, shapes, len(self.data.train), self.data.num_classes)
+        return c, *TeacherCache.locate(c, identity, shapes, n, self.data.num_classes)
 
     def teacher_cache(self, mode=None):
         """Built (or found on disk and verified) once, at the first stage that replays it."""
         if self._cache is None:
             c, folder, plan = self.cache_plan(mode)
-            loader = train_loader(self.data, self.cfg.data, self.device, self.cfg.seed, views=c.views, shuffle=False,
-                                  batch_size=c.batch_size)
+            loader = train_loader(self.student_data, self.cfg.data, self.device, self.cfg.seed, views=c.views,
+                                  shuffle=False, batch_size=c.batch_size)
             self._cache = TeacherCache.open_or_build(folder, plan, self.teacher, self.teacher_taps, loader,
                                                      self.data.num_classes, self.device, self.cfg.train)
         return self._cache
@@ -330,8 +333,8 @@ class Study:
         Batch order follows `seed`; augmentation always the study's seed, the one the teacher cache replays.
         `profile`: a file to profile the last epoch into (bench.py --profile). `recipe`: the config key of
         `train_cfg`, named by its errors (default: the teacher's for `name` "teacher", else the students')."""
-        loaders = (train_loader(self.data, self.cfg.data, self.device, seed, views=views, aug_seed=self.cfg.seed,
-                                rank=self.rt.rank, world=self.rt.world),
+        loaders = (train_loader(self.data.first(train_cfg.subset), self.cfg.data, self.device, seed, views=views,
+                                aug_seed=self.cfg.seed, rank=self.rt.rank, world=self.rt.world),
                    eval_loaders(self.data, self.cfg.data, self.device)[0])
         trainer = Trainer(distiller.to(self.device), train_cfg, loaders, self.device, self.folder.model(name), seed,
                           key, name, self.clock, card, recipe or ("teacher.train" if name == "teacher" else "train"),

@@ -209,6 +209,18 @@ def test_changes_that_alter_teacher_outputs_rebuild(make_study, changes, capsys)
     assert "[cache] building" in capsys.readouterr().out
 
 
+def test_students_of_a_subset_replay_a_cache_of_their_images_only(make_study):
+    study = make_study(train={"subset": 40})
+    assert study.cache_plan()[2]["logits"][0] == (2, 40, 10)
+    assert study.cache_plan()[1] != make_study().cache_plan()[1]  # another subset, another cache
+    cache = study.teacher_cache()
+    loader = train_loader(study.student_data, study.cfg.data, study.device, study.cfg.seed, views=2)
+    batch = next(iter(loader))
+    assert loader.dataset_size == 40 and int(batch.index.max()) < 40
+    logits, _ = live_teacher(study, batch.images)
+    assert torch.allclose(cache.lookup(loader.view, batch.index)["logits"], logits, rtol=1e-2, atol=1e-2)
+
+
 def test_another_teacher_checkpoint_rebuilds(make_study, tmp_path):
     first = cache_folder(make_study())
     other = make_study(name="other", teacher={"checkpoint": str(tmp_path / "other.pt"), "train": {"lr": 0.01}})

@@ -263,6 +263,10 @@ STUDY_ERRORS = [
                  "stages[1].features[0].teacher: no layer 'layer9' in this model; layers: conv1, bn1, relu, maxpool, "
                  "layer1, layer1.0, layer1.1, layer2, layer2.0, layer2.1, layer3, ", id="teacher-layer"),
     pytest.param("student.name=cnnn", "student.name: unknown model 'cnnn' (did you mean 'cnn'?", id="model"),
+    pytest.param("train.subset=33", "train.subset: 33 is more than the 32 training images", id="subset"),
+    pytest.param("teacher.train.subset=0", "teacher.train.subset: must be >= 1 or null, got 0", id="subset-0"),
+    pytest.param("teacher.kwargs.stem_stride=3", "teacher.kwargs: model 'resnet18': stem_stride must be 1 or 2",
+                 id="stem-stride"),
     pytest.param("student.kwargs.chanels=[8]", "student.kwargs.chanels: unknown key (did you mean 'channels'?",
                  id="model-kwargs"),
     pytest.param("data.dataset=cifar", "data.dataset: unknown dataset 'cifar' (did you mean 'cifar10'? choose from: "

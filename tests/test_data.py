@@ -287,6 +287,18 @@ def test_train_subset_keeps_the_val_split(cifar):
     assert capped.train.indices == full.train.indices
 
 
+def test_a_recipes_subset_is_a_prefix_of_the_training_images_in_both_pipelines(cifar):
+    for pipeline in ("tensor", "loader"):
+        data = build_data(data_config(cifar.root, val_size=8, pipeline=pipeline))
+        part = data.first(5)
+        assert part.train.indices == data.train.indices[:5] and part.val is data.val and part.test is data.test
+        assert len(train_loader(part, data_config(cifar.root, batch_size=2), CPU, 0).loader.dataset
+                   if not data.tensors else part.tensors["train"][1]) == 5
+        if data.tensors:
+            assert torch.equal(part.tensors["train"][0], data.tensors["train"][0][:5])
+        assert data.first(None) is data and data.first(len(data.train)) is data
+
+
 def test_test_subset_takes_the_first_test_images(cifar):
     assert labels(build_data(data_config(cifar.root, val_size=8, test_subset=3)).test) == cifar.test_y[:3]
     assert len(build_data(data_config(cifar.root, val_size=8, test_subset=1000)).test) == CIFAR_PER_BATCH
