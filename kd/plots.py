@@ -15,20 +15,24 @@ MARKERS = {"pytorch": "o", "onnxruntime": "s", "onnxruntime-int8": "^"}
 
 
 def points(report):
-    """(model index, model, runtime, batch-1 latency ms, test top-1 %): every model in every runtime of the
-    deployment table (batch 1 on one CPU thread), or without one, every model in PyTorch on the study's device."""
-    return [(i, name, runtime, r["latency_b1_ms"], 100 * r["test_top1"])
+    """(model index, model, runtime, batch-1 latency ms, test top-1 %, its standard deviation over seeds or 0):
+    every model in every runtime of the deployment table (batch 1 on one CPU thread; each stage's first seed), or
+    without one, every model in PyTorch on the study's device (a stage's mean over its seeds)."""
+    return [(i, name, runtime, r["latency_b1_ms"], 100 * r["test_top1"], 100 * r.get("test_top1_std", 0.0))
             for i, (name, row) in enumerate(report["models"].items())
             for runtime, r in (row.get("deploy") or {"pytorch": row}).items()]
 
 
 def accuracy_vs_latency(report):
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, name, runtime, ms, top1 in points(report):
-        ax.scatter(ms, top1, marker=MARKERS.get(runtime, "o"), s=60, label=f"{name} ({runtime})", color=f"C{i % 10}")
+    spread = False
+    for i, name, runtime, ms, top1, std in points(report):
+        ax.errorbar(ms, top1, yerr=std or None, fmt=MARKERS.get(runtime, "o"), markersize=8, capsize=4,
+                    label=f"{name} ({runtime})", color=f"C{i % 10}")
+        spread = spread or std > 0
     ax.set_xscale("log")
     ax.set_xlabel("batch-1 latency, ms (log scale)" + (", one CPU thread" if report["meta"].get("deploy") else ""))
-    ax.set_ylabel("test top-1, %")
+    ax.set_ylabel("test top-1, %" + (" (mean ± std over seeds)" if spread else ""))
     ax.set_title(f"{report['meta']['study']}: accuracy against latency")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="best")

@@ -156,7 +156,11 @@ def test_plots_hold_one_point_per_model_and_runtime_and_one_curve_per_model(tmp_
     ax = plots.accuracy_vs_latency(report).axes[0]
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels == [f"{m} ({rt})" for m in ("teacher", "kd") for rt in ("pytorch", "onnxruntime", "onnxruntime-int8")]
-    assert [tuple(c.get_offsets()[0]) for c in ax.collections][-1] == pytest.approx((0.3, 79.0))
+    assert tuple(ax.containers[-1].lines[0].get_xydata()[0]) == pytest.approx((0.3, 79.0))
+    assert not any(c.has_yerr for c in ax.containers)  # the deployment table's rows are single seeds
+    seeds = {"meta": {"study": "s"}, "models": {"kd": {"latency_b1_ms": 1.0, "test_top1": 0.8, "test_top1_std": 0.01}}}
+    bars = plots.accuracy_vs_latency(seeds).axes[0].containers[0]
+    assert bars.has_yerr and bars.lines[2][0].get_segments()[0][:, 1] == pytest.approx([79.0, 81.0])
 
     loss_ax, acc_ax = plots.training_curves(tmp_path, ["teacher", "kd"]).axes
     assert [line.get_label() for line in acc_ax.get_lines()] == ["teacher", "kd (mean of 2 seeds)"]
