@@ -167,9 +167,9 @@ def run(cfg, stage, seeds, variants, modes, profile=False):
 def summarize(study, stage, rows, build):
     seeds = sorted({r["seed"] for r in rows})
     graph = "on" if resolve_graph(study.cfg.train, study.device, "train") else "off"
-    lines = [f"Benchmark of stage `{stage.name}` ({study.cfg.train.epochs} epochs, {len(study.data.train)} training "
-             f"images, seeds {seeds}) on {device_name(study.device)}, torch {torch.__version__}, train.graph "
-             f"{study.cfg.train.graph} ({graph}).", "",
+    lines = [f"Benchmark of stage `{stage.name}` ({study.cfg.train.epochs} epochs, "
+             f"{len(study.student_data.train)} training images, seeds {seeds}) on {device_name(study.device)}, "
+             f"torch {torch.__version__}, train.graph {study.cfg.train.graph} ({graph}).", "",
              "| variant | train.compile | epoch s | images/s | last epoch images/s | epoch time vs alone | test top-1 |",
              "|---|---|---|---|---|---|---|"]
     mean = lambda runs, key: statistics.fmean(r[key] for r in runs)

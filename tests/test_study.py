@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import kd.train
 import run
@@ -172,17 +173,26 @@ def test_checkpoints_wait_for_checkpoint_seconds_and_keep_the_best_epoch(smoke_c
 
 @pytest.mark.skipif(not DEBIAN_FASHION_MNIST.exists(),
                     reason="real Fashion-MNIST is absent: apt-get install dataset-fashion-mnist")
-def test_real_fashion_mnist_student_beats_chance_by_a_wide_margin(smoke_config):
-    small = {"name": "cnn", "kwargs": {"channels": [16, 32, 64], "blocks": 1}}
-    cfg = smoke_config(
-        data={"dataset": "fashion_mnist", "root": str(ROOT / "data"), "download": False, "val_size": 500,
-              "train_subset": 8000, "test_subset": 1000, "batch_size": 64, "eval_batch_size": 500,
-              "augment": {"crop_padding": 0, "hflip": True}},
-        teacher={**small, "train": {"epochs": 4, "lr": 0.05}},
-        student=small,
-        train={"epochs": 4, "lr": 0.05, "warmup_epochs": 0},
-        stages=[{"name": "baseline"}, {"name": "kd", "logit": {"name": "kd"}}])
-    assert run.main(["--config", str(cfg), "--device", "cpu"]) == 0
-    models = report_of(cfg)["models"]
-    for name in ("teacher", "baseline", "kd"):
-        assert models[name]["test_top1"] > 0.6, (name, models[name]["test_top1"])  # chance is 0.1
+def test_real_fashion_mnist_distillation_beats_labels_alone_and_a_zeroed_kd_term_loses(tmp_path):
+    """The first command's study (configs/fashion_mnist.yaml) cut to CI size: its teacher, students and KD as
+    they are, no KD + FitNets stage, 2,000 test images. Distillation must beat labels alone on average by a point,
+    and the same stage with its KD term silently zero (`scale: 0`, leaving 0.1 x cross-entropy) must not: the
+    check can fail. Measured on the 2-core Zen 4 AMD EPYC (bf16): teacher 88.40, baseline 83.10 / 81.85 / 81.65,
+    KD 84.40 / 84.10 / 85.15 (+2.35 on average), the zeroed KD term 77.75 / 76.10 / 76.50 (-5.42), in 4 minutes.
+    Cheaper cuts (the teacher on 4,000 images for 2 epochs or 6,000 for 3; students on 500 images, or of half the
+    width with one block per stage) gave KD no gain: the study's teacher recipe is the cheapest found that leads
+    its students by enough."""
+    raw = yaml.safe_load((ROOT / "configs" / "fashion_mnist.yaml").read_text())
+    raw.update(name="cut", output_dir=str(tmp_path / "runs"), device="cpu", seeds=[0, 1, 2], deploy={"onnx": False},
+               eval={"batch_size": 64, "warmup": 1, "repeats": 3})
+    raw["data"].update(root=str(ROOT / "data"), download=False, test_subset=2000)
+    raw["teacher"].update(checkpoint=str(tmp_path / "teacher.pt"))
+    kd = next(s for s in raw["stages"] if s["name"] == "kd")
+    raw["stages"] = [{"name": "baseline"}, kd, {"name": "kd_zeroed", "logit": {**kd["logit"], "scale": 0.0}}]
+    raw["cache"].update(mode="logits", dir=str(tmp_path / "cache"))
+    (tmp_path / "cut.yaml").write_text(yaml.safe_dump(raw))
+    assert run.main(["--config", str(tmp_path / "cut.yaml")]) == 0
+    models = json.loads((tmp_path / "runs" / "cut" / "report.json").read_text())["models"]
+    gain = {n: models[n]["test_top1"] - models["baseline"]["test_top1"] for n in ("kd", "kd_zeroed")}
+    assert models["teacher"]["test_top1"] > models["baseline"]["test_top1"] + 0.03, models["teacher"]
+    assert gain["kd"] > 0.01 and gain["kd_zeroed"] < 0.01, gain
