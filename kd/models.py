@@ -7,6 +7,7 @@ from torch import nn
 
 from .errors import ConfigError, did_you_mean
 from .registry import Registry, check_kwargs, keyword_params
+from .store import first_line
 
 MODELS = Registry("model", context=("in_channels", "num_classes", "image_size"))
 SMALL_IMAGE = 64  # at or below this size, ResNets keep full resolution in the stem (CIFAR-style)
@@ -111,8 +112,13 @@ def load_weights(model, name, weights, key):
         path = Path(weights)
         if not path.is_file():
             raise ConfigError(key, f"weights file not found: {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("model", state)
+        try:  # weights_only: a state dict from anywhere is read as tensors, never run as code
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ConfigError(key, f"{path} is not a state dict this project can read ({first_line(e)})") from None
+        state = state.get("model", state) if isinstance(state, dict) else state
+        if not isinstance(state, dict):
+            raise ConfigError(key, f"{path} holds a {type(state).__name__}, not a state dict")
     own = model.state_dict()
     unknown = [k for k in state if k not in own]
     if unknown:

@@ -13,6 +13,8 @@ import hashlib
 import io
 import json
 import os
+import pickle
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -87,6 +89,12 @@ def differences(old, new, most=4):
     return changed[:most] + ([f"and {len(changed) - most} more"] if len(changed) > most else [])
 
 
+def first_line(exc, limit=120):
+    """An exception's first line for a one-line message: terminal escape codes dropped, cut at a word."""
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
 def damaged(path, reason, remedy):
     return KDError(f"{path} is damaged ({reason}); {remedy}")
 
@@ -123,15 +131,20 @@ def save(obj, path):
         tmp.write_bytes(buffer.getbuffer())
 
 
-def load(path, remedy, weights_only=True, unsigned_ok=False):
+def load(path, remedy, unsigned_ok=False):
     """A dict written by `save`, on the CPU, its digest checked: a file that cannot be read, or whose content no
-    longer matches its digest, is one line naming it and `remedy`. `unsigned_ok`: files made elsewhere (a
-    downloaded teacher) may carry no digest; they are read as they are."""
+    longer matches its digest, is one line naming it and `remedy`. Always `weights_only`: tensors and plain
+    containers, nothing that runs code on unpickling, since a run folder or checkpoint may come from anyone.
+    `unsigned_ok`: files made elsewhere (a downloaded teacher) may carry no digest; they are read as they are."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=weights_only)
-    except Exception as e:  # a damaged file fails in many ways: zip, pickle, storage, permission
-        raise damaged(path, f"unreadable: {(str(e).strip().splitlines() or [type(e).__name__])[0][:120]}",
-                      remedy) from None
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower():
+            raise damaged(path, "it holds objects other than tensors and plain values, refused unread: loading "
+                                "them could run code", remedy) from None
+        raise damaged(path, f"unreadable: {first_line(e)}", remedy) from None
+    except Exception as e:  # a damaged file fails in many ways: zip, storage, permission
+        raise damaged(path, f"unreadable: {first_line(e)}", remedy) from None
     if not isinstance(obj, dict):
         raise damaged(path, f"holds a {type(obj).__name__}, not a checkpoint", remedy)
     digest = obj.pop("digest", None)

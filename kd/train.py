@@ -56,7 +56,12 @@ def make_scheduler(optimizer, cfg, steps_per_epoch):
 
 
 def rng_state(generator):
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every generator's state as tensors and plain values, so last.pt loads with weights_only: NumPy's MT19937
+    keys go in as a tensor, not as the array its state tuple holds."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+             "gauss": float(gauss)}
+    state = {"torch": torch.get_rng_state(), "numpy": numpy, "python": random.getstate()}
     if generator is not None:
         state["loader"] = generator.get_state()
     if torch.cuda.is_available():
@@ -66,7 +71,8 @@ def rng_state(generator):
 
 def set_rng_state(state, generator):
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     random.setstate(state["python"])
     if generator is not None:
         generator.set_state(state["loader"])
@@ -129,7 +135,7 @@ class Trainer:
                 "scaler": self.scaler.state_dict(), "rng": rng_state(self.generator)}
 
     def resume(self):
-        ckpt = load(self.last_path, f"delete {self.out_dir} to train {self.name} from its start", weights_only=False)
+        ckpt = load(self.last_path, f"delete {self.out_dir} to train {self.name} from its start")
         if ckpt["fingerprint"] != self.fingerprint:
             raise KDError(f"{self.last_path}: this unfinished stage was started with a different config; "
                           "delete it or restore the config to resume")

@@ -53,8 +53,8 @@ def test_bench_trains_a_fresh_teacher_on_its_recipe_when_asked(make_study, make_
     rows = json.loads((tmp_path / "runs" / "c_bench" / "bench.json").read_text())
     assert [r["variant"] for r in rows] == ["teacher", "alone"] and rows[0]["images_per_s"] > 0
     folder = tmp_path / "runs" / "c_bench"
-    teacher = torch.load(folder / "teacher_off_s0" / "best.pt", weights_only=False)["model"]
-    student = torch.load(folder / "alone_off_s0" / "best.pt", weights_only=False)["model"]
+    teacher = torch.load(folder / "teacher_off_s0" / "best.pt", weights_only=True)["model"]
+    student = torch.load(folder / "alone_off_s0" / "best.pt", weights_only=True)["model"]
     assert sum(t.numel() for t in teacher.values()) > 2 * sum(t.numel() for t in student.values())  # the teacher's model
     with open(folder / "teacher_off_s0" / "metrics.csv") as f:
         assert float(next(csv.DictReader(f))["lr"]) == pytest.approx(0.02)

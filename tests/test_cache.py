@@ -291,6 +291,6 @@ def test_interrupted_cached_distillation_resumes_to_the_uninterrupted_result(mak
     assert run.main(["--config", str(config("resumed")), "--device", "cpu"]) == 130
     monkeypatch.setattr(Distiller, "forward", forward)
     assert run.main(["--config", str(config("resumed")), "--device", "cpu", "--resume"]) == 0
-    a = torch.load(tmp_path / "runs" / "full" / "kdf" / "last.pt", weights_only=False)["learnable"]
-    b = torch.load(tmp_path / "runs" / "resumed" / "kdf" / "last.pt", weights_only=False)["learnable"]
+    a = torch.load(tmp_path / "runs" / "full" / "kdf" / "last.pt", weights_only=True)["learnable"]
+    b = torch.load(tmp_path / "runs" / "resumed" / "kdf" / "last.pt", weights_only=True)["learnable"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

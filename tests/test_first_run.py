@@ -168,11 +168,11 @@ def test_the_check_covers_every_seed_and_leaves_no_trace_in_the_run(smoke_config
     monkeypatch.setattr(kd.study, "dry_step", lambda d, *a, **k: tried.append(k.get("student_key")) or dry_step(d, *a, **k))
     assert run.main(["--config", str(cfg), "--device", "cpu"]) == 0
     assert tried == ["teacher", None, None]
-    checked = torch.load(cfg.parent / "runs" / "smoke" / "crd" / "seed1" / "last.pt", weights_only=False)["learnable"]
+    checked = torch.load(cfg.parent / "runs" / "smoke" / "crd" / "seed1" / "last.pt", weights_only=True)["learnable"]
     monkeypatch.setattr(kd.study.Study, "check", lambda self: None)
     unchecked_cfg = smoke_config(seeds=[0, 1], stages=stages, name="unchecked")
     assert run.main(["--config", str(unchecked_cfg), "--device", "cpu"]) == 0
-    unchecked = torch.load(cfg.parent / "runs" / "unchecked" / "crd" / "seed1" / "last.pt", weights_only=False)
+    unchecked = torch.load(cfg.parent / "runs" / "unchecked" / "crd" / "seed1" / "last.pt", weights_only=True)
     for key, value in checked.items():
         assert torch.equal(value, unchecked["learnable"][key]), key
 
@@ -270,7 +270,7 @@ def test_a_teacher_without_provenance_is_refused_unless_accepted_and_then_the_re
     cfg = provenance_config()
     assert run.main(["--config", str(cfg), "--device", "cpu"]) == 0
     teacher = cfg.parent / "teacher.pt"
-    ckpt = torch.load(teacher, weights_only=False)
+    ckpt = torch.load(teacher, weights_only=True)
     del ckpt["identity"], ckpt["digest"]  # as another tool writes a teacher: weights only
     torch.save(ckpt, teacher)
     capsys.readouterr()

@@ -40,7 +40,26 @@ def garble(path):
     path.write_bytes(np.random.default_rng(0).bytes(path.stat().st_size))
 
 
+class Payload:
+    """Unpickled, this creates a file: what a planted checkpoint's object could do with any command."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def plant(path):
+    """The checkpoint's keys kept, each value an object whose unpickling runs code (creates `ran-code` beside it);
+    the digest recomputed by hand, as an attacker would."""
+    ckpt = kd.store.load(path, "")
+    planted = {k: Payload(path.parent / "ran-code") for k in ckpt}
+    torch.save({**planted, "digest": kd.store.content_digest(planted)}, path)
+
+
 DAMAGE = {"flipped": flip, "truncated": truncate, "garbled": garble}
+CHECKPOINT_DAMAGE = {**DAMAGE, "planted": plant}
 
 
 def smoke(**changes):
@@ -89,16 +108,17 @@ CHECKPOINTS = [  # (file, result.json to remove first so that the file is read o
 ]
 
 
-@pytest.mark.parametrize("damage", DAMAGE)
+@pytest.mark.parametrize("damage", CHECKPOINT_DAMAGE)
 @pytest.mark.parametrize("file, unfinish", CHECKPOINTS, ids=[c[0].split("/", 2)[-1] for c in CHECKPOINTS])
 def test_a_damaged_checkpoint_is_refused_in_one_line(study, file, unfinish, damage, capsys):
     if unfinish:
         Path(unfinish).unlink()
-    DAMAGE[damage](Path(file))
+    CHECKPOINT_DAMAGE[damage](Path(file))
     before = state_of(study)
     err = one_error_line(capsys, "study.yaml", "--resume")
     assert f"{file} is damaged" in err and "delete" in err, err
-    assert state_of(study) == before
+    assert damage != "planted" or "could run code" in err, err
+    assert state_of(study) == before and not list(study.rglob("ran-code"))  # nothing unpickled ran
 
 
 @pytest.mark.parametrize("edit", ["flipped", "truncated", "garbled", "number", "fields"])
@@ -290,12 +310,18 @@ def test_kill_9_mid_training_resumes_to_the_uninterrupted_result(tmp_path):
     resumed = subprocess.run(cli("killed", "--resume"), capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     for name in ("best.pt", "last.pt"):
-        a = kd.store.load(tmp_path / "runs" / "full" / "baseline" / name, "", weights_only=False)
-        b = kd.store.load(last.parent / name, "", weights_only=False)
+        a = kd.store.load(tmp_path / "runs" / "full" / "baseline" / name, "")
+        b = kd.store.load(last.parent / name, "")
         a, b = a.get("learnable", a.get("model")), b.get("learnable", b.get("model"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     reports = [json.loads((tmp_path / "runs" / n / "report.json").read_text())["models"]["baseline"] for n in ("full", "killed")]
     assert reports[0]["test_top1"] == reports[1]["test_top1"]
+
+
+def test_a_foreign_error_in_a_one_line_message_loses_its_escape_codes_and_is_cut_at_a_word():
+    line = kd.store.first_line(RuntimeError("\x1b[1mWeights only\x1b[0m load failed " + "because " * 30 + "\nmore"))
+    assert line.startswith("Weights only load failed because") and line.endswith("because ...") and len(line) <= 124
+    assert "\x1b" not in line and "more" not in line
 
 
 def test_differences_name_a_key_that_one_identity_lacks():

@@ -10,6 +10,7 @@ from kd.models import count_parameters, create_model, load_weights
 from kd.errors import ConfigError
 
 from conftest import CONFIGS
+from test_integrity import Payload
 from test_losses import DATASET_SHAPES
 
 CPU = torch.device("cpu")
@@ -113,5 +114,13 @@ def test_bad_weights_give_config_errors(tmp_path):
     torch.save({"something.else": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ConfigError, match="unexpected tensors something.else"):
         load_weights(model, "resnet18", str(tmp_path / "other.pt"), "teacher.weights")
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    with pytest.raises(ConfigError, match="text.pt is not a state dict this project can read"):
+        load_weights(model, "resnet18", str(tmp_path / "text.pt"), "teacher.weights")
+    marker = tmp_path / "ran-code"
+    torch.save({"fc.weight": Payload(marker)}, tmp_path / "planted.pt")
+    with pytest.raises(ConfigError, match="planted.pt is not a state dict"):
+        load_weights(model, "resnet18", str(tmp_path / "planted.pt"), "teacher.weights")
+    assert not marker.exists()  # read as weights only: nothing in it ran
     with pytest.raises(ConfigError, match="no pretrained weights for 'cnn'"):
         load_weights(create_model("cnn", "s", {}, 3, 10, 32), "cnn", "torchvision", "student.weights")

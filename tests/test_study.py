@@ -121,7 +121,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(smoke_config, monke
     monkeypatch.setattr(Distiller, "forward", dies_in_second_epoch)
     assert run.main(["--config", str(interrupted), "--device", "cpu"]) == 130
     stage_dir = full.parent / "runs" / "resumed" / "kd_fitnets"
-    assert torch.load(stage_dir / "last.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(stage_dir / "last.pt", weights_only=True)["epoch"] == 1
     assert not (stage_dir / "result.json").exists()
     assert run.main(["--config", str(interrupted), "--device", "cpu"]) == 2  # refuses to restart silently
     assert "--resume" in capsys.readouterr().err
@@ -130,8 +130,8 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(smoke_config, monke
 
     reference = full.parent / "runs" / "smoke" / "kd_fitnets"
     for name in ("best.pt", "last.pt"):
-        a = torch.load(reference / name, weights_only=False)
-        b = torch.load(stage_dir / name, weights_only=False)
+        a = torch.load(reference / name, weights_only=True)
+        b = torch.load(stage_dir / name, weights_only=True)
         state_a, state_b = a.get("learnable", a.get("model")), b.get("learnable", b.get("model"))
         assert state_a.keys() == state_b.keys()
         for key in state_a:
@@ -162,11 +162,11 @@ def test_checkpoints_wait_for_checkpoint_seconds_and_keep_the_best_epoch(smoke_c
         written = [w.name for w in writes if w.parent == folders[name]]
         assert written == ["best.pt", "last.pt"] + ["last.pt"] * 2 * (seconds == 0), written  # best: epoch 1
     for file in ("best.pt", "last.pt"):
-        a, b = (torch.load(folders[n] / file, weights_only=False) for n in folders)
+        a, b = (torch.load(folders[n] / file, weights_only=True) for n in folders)
         a, b = a.get("learnable", a.get("model")), b.get("learnable", b.get("model"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), file
-    best = torch.load(folders["once"] / "best.pt", weights_only=False)["model"]
-    last = torch.load(folders["once"] / "last.pt", weights_only=False)
+    best = torch.load(folders["once"] / "best.pt", weights_only=True)["model"]
+    last = torch.load(folders["once"] / "last.pt", weights_only=True)
     assert last["best"]["epoch"] == 1 and last["epoch"] == 3
     assert not all(torch.equal(best[k], last["learnable"][f"student.{k}"]) for k in best)  # the first epoch's
 
