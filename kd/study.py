@@ -158,6 +158,10 @@ class Study:
         self.check_files()
         tcfg = self.cfg.teacher
         to_train = not Path(tcfg.checkpoint).exists()
+        if to_train and not tcfg.weights and tcfg.train.epochs == 0 and any(s.uses_teacher for s in self.cfg.stages):
+            raise ConfigError("teacher.train.epochs", f"0, with no checkpoint at {tcfg.checkpoint} and no "
+                              "teacher.weights, leaves the teacher at its random initialisation: the students "
+                              "would distil from noise; give it epochs, weights or a checkpoint")
         if to_train:
             dry_step(Distiller(self.teacher, label_smoothing=tcfg.train.label_smoothing), self.sample, self.device,
                      tcfg.train, "teacher", student_key="teacher")

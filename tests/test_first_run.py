@@ -295,6 +295,16 @@ def test_a_pretrained_teacher_with_a_new_head_needs_training_epochs(smoke_config
 
 # --- models, metrics, output -------------------------------------------------------------------------------------------
 
+def test_a_teacher_with_no_epochs_weights_or_checkpoint_is_refused_before_anything_runs(smoke_config, tmp_path,
+                                                                                         capsys):
+    cfg = smoke_config(teacher={"train": {"epochs": 0}})
+    err = one_error_line(capsys, cfg)
+    assert "teacher.train.epochs: 0, with no checkpoint at" in err and "distil from noise" in err, err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "teacher.pt").exists()
+    only_labels = smoke_config(teacher={"train": {"epochs": 0}}, stages=[{"name": "baseline"}])
+    assert run.main(["--config", str(only_labels), "--device", "cpu"]) == 0  # nothing distils from it
+
+
 def test_torchvision_model_kwargs_are_checked_like_ours():
     with pytest.raises(ConfigError, match=r"student.kwargs.dropuot: unknown key \(did you mean 'dropout'\?"):
         create_model("mobilenet_v3_small", "student", {"dropuot": 0.5}, 3, 10, 32)
