@@ -98,8 +98,9 @@ def markdown(report):
     if m.get("deploy"):
         lines += ["", f"Deployment on the CPU ({m['deploy']['cpu']}):", ""] + deployment(report["models"], b)
     learnt = {who: m.get(f"{who}_train_images", m["train_images"]) for who in ("teacher", "student")}
+    of = lambda n: "all of them" if n == m["train_images"] else f"the first {n}"
     subsets = "" if set(learnt.values()) == {m["train_images"]} else \
-        f"; the teacher learnt from {learnt['teacher']} of the training images, the students from {learnt['student']}"
+        f"; the teacher learnt from {of(learnt['teacher'])}, the students from {of(learnt['student'])}"
     notes = [f"Study `{m['study']}` on {m['dataset']} ({m['train_images']} train / {m['val_images']} val / "
              f"{m['test_images']} test images{subsets}), {m['date']}.",
              f"Device: {m['device']}; torch {m['torch']}. Latency: median (p90) of {m['repeats']} forward passes "

@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+import kd.study
 import kd.train
 import run
 from kd.data import DEBIAN_FASHION_MNIST
@@ -90,6 +91,19 @@ def test_repeated_seeds_train_each_stage_per_seed_and_report_mean_and_std(smoke_
         assert not torch.equal(weights[0]["fc.weight"], weights[1]["fc.weight"])  # seeds start apart
     assert models["kd"]["top1_gain_vs_baseline"] == pytest.approx(models["kd"]["test_top1"] - models["baseline"]["test_top1"])
     assert " ± " in (run_dir / "report.md").read_text()
+
+
+def test_students_on_a_subset_train_on_it_and_the_report_says_who_learnt_from_how_many(smoke_config, monkeypatch):
+    trained_on, loader = [], kd.study.train_loader
+    monkeypatch.setattr(kd.study, "train_loader", lambda data, *a, **k: trained_on.append(len(data.train))
+                        or loader(data, *a, **k))
+    cfg = smoke_config(train={"epochs": 1, "subset": 40, "warmup_epochs": 0}, stages=[{"name": "baseline"}])
+    assert run.main(["--config", str(cfg), "--device", "cpu"]) == 0
+    assert trained_on == [128, 40]  # the teacher, then the student
+    meta = report_of(cfg)["meta"]
+    assert (meta["train_images"], meta["teacher_train_images"], meta["student_train_images"]) == (128, 128, 40)
+    assert "the teacher learnt from all of them, the students from the first 40" in \
+        (cfg.parent / "runs" / "smoke" / "report.md").read_text()
 
 
 def test_finished_stage_is_not_overwritten_by_a_changed_config(smoke_config, capsys):
