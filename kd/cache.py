@@ -19,6 +19,14 @@ from .store import file_digest, fingerprint, free_bytes, read_json, write_json
 FORMAT = 3
 
 
+def size(n):
+    """Bytes as a person reads them: never '0.00 GiB' for a few MiB."""
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} bytes"
+
+
 class TeacherCache:
     """Memory-mapped fp16 arrays under `<dir>/<key>/`: logits (K, N, classes), or the top-k values and class
     indices when classes are many, and one array per cached feature layer. `manifest.json`, written last, holds
@@ -62,8 +70,8 @@ class TeacherCache:
             return
         need, free = cls.nbytes(plan), free_bytes(folder)
         if need > free:
-            raise ConfigError("cache.dir", f"the teacher cache needs {need / 2**30:.2f} GiB but {folder.parent} has "
-                              f"{free / 2**30:.2f} GiB free; free space, point cache.dir elsewhere, lower cache.views "
+            raise ConfigError("cache.dir", f"the teacher cache needs {size(need)} but {folder.parent} has "
+                              f"{size(free)} free; free space, point cache.dir elsewhere, lower cache.views "
                               "or use cache: logits")
 
     @classmethod

@@ -18,9 +18,14 @@ class ConfigError(KDError):
 
 
 def did_you_mean(name, choices):
-    close = difflib.get_close_matches(str(name), list(choices), n=1)
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    return f"{hint}choose from: {', '.join(sorted(choices))}"
+    """The closest choice, whatever its case (`KD` -> `kd`), and all of them."""
+    choices = sorted(str(c) for c in choices)
+    if not choices:
+        return "nothing can be set here"
+    lower = {c.lower(): c for c in choices}
+    close = difflib.get_close_matches(str(name).lower(), list(lower), n=1)
+    hint = f"did you mean '{lower[close[0]]}'? " if close else ""
+    return f"{hint}choose from: {', '.join(choices)}"
 
 
 @contextlib.contextmanager

@@ -120,6 +120,12 @@ def test_null_stages(tmp_path):
     assert load_error(path) == f"{path}: stages: expected a list, got None"
 
 
+def test_did_you_mean_ignores_case_and_never_offers_an_empty_list():
+    from kd.errors import did_you_mean
+    assert did_you_mean("Adamw", ["sgd", "adamw"]) == "did you mean 'adamw'? choose from: adamw, sgd"
+    assert did_you_mean("x", []) == "nothing can be set here"
+
+
 def test_unknown_key_lists_the_valid_ones(tmp_path):
     message = load_error(write_config(tmp_path, {"train": {"lr_rate": 0.1}}))
     assert " lr, " in message and "weight_decay)" in message
@@ -264,6 +270,7 @@ STUDY_ERRORS = [
                  "layer1, layer1.0, layer1.1, layer2, layer2.0, layer2.1, layer3, ", id="teacher-layer"),
     pytest.param("student.name=cnnn", "student.name: unknown model 'cnnn' (did you mean 'cnn'?", id="model"),
     pytest.param("train.subset=33", "train.subset: 33 is more than the 32 training images", id="subset"),
+    pytest.param("stages.1.logit.name=KD", "stages[1].logit: unknown logit loss 'KD' (did you mean 'kd'?", id="case"),
     pytest.param("teacher.train.subset=0", "teacher.train.subset: must be >= 1 or null, got 0", id="subset-0"),
     pytest.param("teacher.kwargs.stem_stride=3", "teacher.kwargs: model 'resnet18': stem_stride must be 1 or 2",
                  id="stem-stride"),
