@@ -136,6 +136,8 @@ def load(path, remedy, unsigned_ok=False):
     longer matches its digest, is one line naming it and `remedy`. Always `weights_only`: tensors and plain
     containers, nothing that runs code on unpickling, since a run folder or checkpoint may come from anyone.
     `unsigned_ok`: files made elsewhere (a downloaded teacher) may carry no digest; they are read as they are."""
+    if not Path(path).is_file():
+        raise KDError(f"{path}: {'a folder, not a file' if Path(path).is_dir() else 'no such file'}; {remedy}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

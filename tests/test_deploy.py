@@ -205,6 +205,9 @@ def test_bad_model_and_image_files_get_one_line_each(tmp_path, capsys):
                         ("wrong_card.pt", "weights do not fit the model its card describes")):
         assert says in one_line_exit_2(capsys, ["predict", str(tmp_path / model), str(image)])
     assert "carries no card" in one_line_exit_2(capsys, ["export", str(tmp_path / "no_card.pt")])
+    for missing, says in (("missing.pt", "missing.pt: no such file"), ("", "a folder, not a file")):
+        line = one_line_exit_2(capsys, ["export", str(tmp_path / missing)])
+        assert says in line and "damaged" not in line, line
 
     kd.store.save({"model": cards.build(small_card()).state_dict(), "card": small_card()}, tmp_path / "ok.pt")
     (tmp_path / "text.jpg").write_text("hello")
