@@ -10,6 +10,16 @@ sys.path.insert(0, str(ROOT))
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
+class Payload:
+    """Unpickled, this creates a file: what a planted checkpoint's object could do with any command."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
 def one_error_line(capsys, cfg, *args):
     """run.main exits 2 with exactly one 'error:' line on stderr and no traceback; returns that line."""
     import run

@@ -20,7 +20,7 @@ import yaml
 import kd.store
 import run
 
-from conftest import ROOT, one_error_line
+from conftest import ROOT, Payload, one_error_line
 from test_cache import cache_folder, make_config, make_study  # noqa: F401 (fixtures)
 
 
@@ -38,16 +38,6 @@ def truncate(path):
 
 def garble(path):
     path.write_bytes(np.random.default_rng(0).bytes(path.stat().st_size))
-
-
-class Payload:
-    """Unpickled, this creates a file: what a planted checkpoint's object could do with any command."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
 
 
 def plant(path):

@@ -9,8 +9,7 @@ from kd.evaluate import LiveTensorBytes, macs_per_image, peak_memory, profile
 from kd.models import count_parameters, create_model, load_weights
 from kd.errors import ConfigError
 
-from conftest import CONFIGS
-from test_integrity import Payload
+from conftest import CONFIGS, Payload
 from test_losses import DATASET_SHAPES
 
 CPU = torch.device("cpu")
