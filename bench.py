@@ -45,13 +45,13 @@ import torch
 
 from kd.config import COMPILE_MODES, load_config
 from kd.device import autocast, resolve_graph, synchronize
-from kd.distiller import Distiller
+from kd.train.distiller import Distiller
 from kd.errors import ConfigError, KDError
-from kd.evaluate import timed
-from kd.report import device_name
+from kd.measure.evaluate import timed
+from kd.measure.report import device_name
 from kd.store import BEST, METRICS
-from kd.tensor_data import TensorLoader
-from kd.train import make_optimizer
+from kd.data.tensors import TensorLoader
+from kd.train.trainer import make_optimizer
 
 VARIANTS = ("alone", "alone_loader", "live", "cached", "teacher")
 STUDENT_VARIANTS = VARIANTS[:-1]  # the default: what distillation costs against the student alone
@@ -129,7 +129,7 @@ def train_variant(study, variant, stage, seed, mode, cache=None, profile=False):
 
 def run(cfg, stage, seeds, variants, modes, profile=False):
     """Students of each seed share the study's teacher, augmentation and so its cache, built (and timed) once."""
-    from kd.study import Study
+    from kd.study.study import Study
     if not os.path.exists(cfg.teacher.checkpoint):
         raise ConfigError("teacher.checkpoint", f"{cfg.teacher.checkpoint} does not exist; run the study first")
     shutil.rmtree(cfg.run_dir, ignore_errors=True)  # the benchmark always starts clean
@@ -208,7 +208,7 @@ def summarize(study, stage, rows, build):
 
 def formats(cfg, compile_too, repeats):
     """Images/s of teacher inference and of a student training step for each precision and memory format."""
-    from kd.study import Study
+    from kd.study.study import Study
     study = Study(cfg)
     device, batch = study.device, cfg.data.batch_size
     x = torch.randn(batch, *study.image_shape, device=device)
@@ -261,7 +261,7 @@ def formats(cfg, compile_too, repeats):
 def loader(cfg, epochs=3):
     """Wall ms and operator calls per training batch of the tensor pipeline, per device: the mean of `epochs` epochs
     after a first one (warm-up)."""
-    from kd.study import Study
+    from kd.study.study import Study
     study = Study(cfg)
     if not study.data.tensors:
         raise ConfigError("data.pipeline", f"--loader times the tensor pipeline, which '{cfg.data.dataset}' with "

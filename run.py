@@ -35,9 +35,9 @@ def parse_args(argv):
 
 
 def print_registries():
-    from kd.data import DATASETS
-    from kd.losses import FEATURE_LOSSES, LOGIT_LOSSES
-    from kd.models import MODELS
+    from kd.data.datasets import DATASETS
+    from kd.train.losses import FEATURE_LOSSES, LOGIT_LOSSES
+    from kd.train.models import MODELS
     for title, registry in (("datasets (data.dataset)", DATASETS), ("models (teacher.name, student.name; "
                             "and any torchvision classifier by name)", MODELS), ("logit methods (stages[i].logit)",
                             LOGIT_LOSSES), ("feature methods (stages[i].features)", FEATURE_LOSSES)):
@@ -61,7 +61,7 @@ def predict_command(argv):
     args = p.parse_args(argv)
     if args.top < 1:
         p.error("--top must be >= 1")
-    from kd.predict import predict
+    from kd.deploy.predict import predict
     ok = True
     for good, line in predict(args.model, args.images, args.top):
         print(line, file=sys.stdout if good else sys.stderr)
@@ -79,7 +79,7 @@ def export_command(argv):
     args = p.parse_args(argv)
     if args.int8 and not args.images:
         p.error("--int8 needs --images: training images to calibrate its activation ranges")
-    from kd.export import export_checkpoint
+    from kd.deploy.export import export_checkpoint
     out = Path(args.out or Path(args.checkpoint).with_suffix(".onnx"))
     for line in export_checkpoint(Path(args.checkpoint), out, args.images, args.int8):
         print(line)
@@ -108,7 +108,7 @@ def main(argv=None):
         if args.list:
             print_registries()
             return 0
-        from kd.study import Study  # after validation: torch's import cost is not paid for a bad config
+        from kd.study.study import Study  # after validation: torch's import cost is not paid for a bad config
         Study(cfg, resume=args.resume).run()
         shutdown_distributed()
     except KDError as e:  # a ConfigError found while building data and models names the file as load_config does

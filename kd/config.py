@@ -11,8 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from .errors import ConfigError, KDError, did_you_mean
-from .registry import coerce
+from kd.errors import ConfigError, KDError, did_you_mean
+from kd.registry import coerce
 
 
 class YAMLLoader(yaml.SafeLoader):
@@ -125,7 +125,7 @@ class TrainConfig:
     amp: str = "auto"  # auto (bf16 where the hardware runs it natively, else off) | off | bf16 | fp16 (CUDA only)
     channels_last: bool = False
     compile: str = "off"  # off | auto (off, as measured: kd/device.py) | torch.compile's mode: default | ...
-    # auto | on | off: the whole step (optimizer included) captured in one CUDA graph (kd/step.py); the same
+    # auto | on | off: the whole step (optimizer included) captured in one CUDA graph (kd/train/step.py); the same
     # kernels replayed, so not part of the run's identity
     graph: str = _setting("auto")
     # last.pt and best.pt are written after the final epoch and after any epoch this many seconds or more after
@@ -239,7 +239,7 @@ class EvalConfig:
 @dataclass
 class DeployConfig:
     """Every model of the study exported to ONNX (with an int8 copy) and measured as a CPU deployment runs it:
-    PyTorch eager, onnxruntime fp32 and int8 (kd/deploy.py). The files go beside each model's checkpoint."""
+    PyTorch eager, onnxruntime fp32 and int8 (kd/deploy/runtimes.py). The files go beside each model's checkpoint."""
     onnx: bool = _setting(False)
     int8: bool = _setting(True)  # with onnx: post-training static int8, calibrated on training images
     calibration_images: int = _setting(512)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError
+from kd.errors import ConfigError
 
 
 def init_distributed(device):

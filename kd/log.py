@@ -5,7 +5,7 @@ import time
 
 from tqdm import tqdm
 
-from .device import is_main
+from kd.device import is_main
 
 
 def info(message):

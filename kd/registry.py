@@ -4,7 +4,7 @@ import math
 import types
 import typing
 
-from .errors import ConfigError, describe, did_you_mean
+from kd.errors import ConfigError, describe, did_you_mean
 
 
 class Registry:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ConfigError, KDError
+from kd.errors import ConfigError, KDError
 
 
 def canonical(parts):

@@ -33,9 +33,9 @@ def one_error_line(capsys, cfg, *args):
 def fashion_files(tmp_path, monkeypatch):
     """Random images in Fashion-MNIST's file format under tmp_path/data, Debian's copy hidden: a small in-memory
     dataset (tensor pipeline, teacher cache) on any machine. Call with the training and test image counts."""
-    import kd.data
+    import kd.data.datasets
     from test_data import idx_bytes
-    monkeypatch.setattr(kd.data, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-files")
+    monkeypatch.setattr(kd.data.datasets, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-files")
 
     def write(n_train, n_test):
         raw = tmp_path / "data" / "FashionMNIST" / "raw"

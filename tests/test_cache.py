@@ -8,13 +8,13 @@ import yaml
 
 import kd.store
 import run
-from kd.cache import TeacherCache
+from kd.data.cache import TeacherCache
 from kd.config import Config, from_dict
-from kd.data import train_loader
+from kd.data.datasets import train_loader
 from kd.device import autocast
-from kd.distiller import Distiller
+from kd.train.distiller import Distiller
 from kd.errors import KDError
-from kd.study import Study
+from kd.study.study import Study
 
 BASE = {
     "name": "c",

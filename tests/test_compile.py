@@ -8,7 +8,7 @@ import torch
 import yaml
 from torch._dynamo.utils import counters
 
-import kd.train
+import kd.train.trainer
 import run
 from kd.device import resolve_compile
 from test_cache import make_config  # noqa: F401  (fixture)
@@ -47,7 +47,7 @@ def test_a_compiler_failure_is_one_line_naming_the_key(make_config, tmp_path, mo
     def no_compiler(graph, example_inputs):
         raise RuntimeError("no C++ compiler found")
     compile_ = torch.compile
-    monkeypatch.setattr(kd.train.torch, "compile", lambda model, mode=None: compile_(model, backend=no_compiler))
+    monkeypatch.setattr(kd.train.trainer.torch, "compile", lambda model, mode=None: compile_(model, backend=no_compiler))
     torch._dynamo.reset()
     assert study(tmp_path, make_config, "broken", "default") == 2
     err = capsys.readouterr().err
@@ -60,7 +60,7 @@ def test_auto_compiles_nowhere_as_measured(make_config, tmp_path, monkeypatch, c
     measured slower."""
     assert [resolve_compile(m, torch.device(d)) for m in ("auto", "off", "default") for d in ("cpu", "cuda")] == \
         ["off", "off", "off", "off", "default", "default"]
-    monkeypatch.setattr(kd.train.torch, "compile", lambda *a, **k: pytest.fail("compiled"))
+    monkeypatch.setattr(kd.train.trainer.torch, "compile", lambda *a, **k: pytest.fail("compiled"))
     assert study(tmp_path, make_config, "auto", "auto") == 0
     assert "[compile] train.compile: auto -> off (on cpu)" in capsys.readouterr().out
     report = json.loads((tmp_path / "runs" / "auto" / "report.json").read_text())

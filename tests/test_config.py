@@ -6,7 +6,7 @@ import yaml
 
 import run
 from kd.config import load_config
-from kd.losses import LOGIT_LOSSES
+from kd.train.losses import LOGIT_LOSSES
 from kd.errors import ConfigError, KDError
 
 MINIMAL = {"name": "study", "stages": [{"name": "baseline"}]}

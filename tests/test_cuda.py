@@ -9,7 +9,7 @@ import torch
 
 import run
 from kd.device import resolve_amp
-from kd.step import WARMUP, TrainStep
+from kd.train.step import WARMUP, TrainStep
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 

@@ -1,4 +1,4 @@
-"""The dataset loaders of kd/data.py, run on small files written in each dataset's real on-disk format."""
+"""The dataset loaders of kd/data/datasets.py, run on small files written in each dataset's real on-disk format."""
 import gzip
 import hashlib
 import pickle
@@ -12,9 +12,9 @@ import torchvision
 from PIL import Image
 from torchvision import transforms as T
 
-import kd.data
+import kd.data.datasets
 from kd.config import AugmentConfig, DataConfig
-from kd.data import DATASETS, build_data, eval_loaders, train_loader
+from kd.data.datasets import DATASETS, build_data, eval_loaders, train_loader
 from kd.errors import KDError
 
 CIFAR_NORM = T.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
@@ -229,7 +229,7 @@ def debian_fmnist(tmp_path, monkeypatch):
             (folder / f"{split}-{kind}-ubyte.gz").write_bytes(gzip.compress(idx_bytes(array)))
     assert idx_bytes(arrays["train"][0])[:4] == struct.pack(">I", 2051)
     assert idx_bytes(arrays["train"][1])[:4] == struct.pack(">I", 2049)
-    monkeypatch.setattr(kd.data, "DEBIAN_FASHION_MNIST", folder)
+    monkeypatch.setattr(kd.data.datasets, "DEBIAN_FASHION_MNIST", folder)
     return SimpleNamespace(folder=folder, train_x=arrays["train"][0].astype(np.uint8), train_y=arrays["train"][1].tolist(),
                            test_x=arrays["t10k"][0].astype(np.uint8), test_y=arrays["t10k"][1].tolist())
 
@@ -255,7 +255,7 @@ def test_fashion_mnist_staged_from_debian_package(debian_fmnist, tmp_path):
 
 
 def test_fashion_mnist_missing_everywhere(tmp_path, monkeypatch):
-    monkeypatch.setattr(kd.data, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-package")
+    monkeypatch.setattr(kd.data.datasets, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-package")
     root = tmp_path / "data"
     with pytest.raises(KDError) as e:
         build_data(data_config(root, "fashion_mnist", val_size=4))

@@ -18,11 +18,11 @@ import run  # noqa: E402
 from conftest import ROOT, one_error_line  # noqa: E402
 from kd import card as cards, export, plots  # noqa: E402
 from kd.config import Config, DataConfig, from_dict  # noqa: E402
-from kd.data import build_data, plain_train_images  # noqa: E402
+from kd.data.datasets import build_data, plain_train_images  # noqa: E402
 from kd.errors import ConfigError  # noqa: E402
-from kd.models import MODELS  # noqa: E402
-from kd.study import Study  # noqa: E402
-from kd.tensor_data import normalize  # noqa: E402
+from kd.train.models import MODELS  # noqa: E402
+from kd.study.study import Study  # noqa: E402
+from kd.data.tensors import normalize  # noqa: E402
 from test_cache import make_config, make_study  # noqa: E402,F401  (fixtures)
 
 SHARED = ROOT.parent / "shared"
@@ -238,7 +238,7 @@ def test_predict_names_the_classes_of_real_cifar10_photos(tmp_path, capsys):
     """The shared teacher (88% on the test split) with a card, on two test JPEGs of each class."""
     state = kd.store.load(CIFAR_TEACHER, "", unsigned_ok=True)["model"]
     data = SimpleNamespace(in_channels=3, image_size=32, resize=32, classes=CIFAR_CLASSES,
-                           mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))  # kd.data.cifar10's
+                           mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))  # kd.data.datasets.cifar10's
     card = cards.make(SimpleNamespace(name="resnet18", kwargs={}), data, {"study": "test"})
     kd.store.save({"model": state, "card": card}, tmp_path / "teacher.pt")
     wanted = {f"test/{c}/{i:04d}.jpg" for c in CIFAR_CLASSES for i in range(2)}

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import run
-from kd.losses import FEATURE_LOSSES
-from kd.losses.base import embedding, embedding_size
+from kd.train.losses import FEATURE_LOSSES
+from kd.train.losses.base import embedding, embedding_size
 
 from conftest import ROOT
 
@@ -44,7 +44,7 @@ PLUGIN = '''
 import torch.nn.functional as F
 from torch import nn
 
-from kd.losses import LOGIT_LOSSES
+from kd.train.losses import LOGIT_LOSSES
 
 
 @LOGIT_LOSSES.register("plugin_l2")

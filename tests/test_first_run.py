@@ -10,13 +10,13 @@ import torch
 
 import run
 from kd.config import TrainConfig, load_config
-from kd.data import DATASETS, Splits
+from kd.data.datasets import DATASETS, Splits
 from kd.device import amp_reason, resolve_amp
-from kd.distiller import Distiller
+from kd.train.distiller import Distiller
 from kd.errors import ConfigError
-from kd.evaluate import accuracy
+from kd.measure.evaluate import accuracy
 from kd.log import Progress
-from kd.models import create_model
+from kd.train.models import create_model
 
 from conftest import CONFIGS, ROOT, one_error_line
 
@@ -73,8 +73,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd.losses import LOGIT_LOSSES
-from kd.models import MODELS
+from kd.train.losses import LOGIT_LOSSES
+from kd.train.models import MODELS
 
 
 @MODELS.register("broken_student")
@@ -131,7 +131,7 @@ BROKEN = [
     ({"stages": [{"name": "s", "logit": {"name": "wrong_signature"}}]},
      "stages[0].logit: a training step on 4 validation images failed: TypeError", None),
     ({"stages": [{"name": "s", "logit": {"name": "per_sample"}}]},
-     "stages[0].logit: the loss must be one scalar tensor (see kd/losses/base.py), got a tensor of shape (4,)", None),
+     "stages[0].logit: the loss must be one scalar tensor (see kd/train/losses/base.py), got a tensor of shape (4,)", None),
     ({"stages": [{"name": "baseline"}, {"name": "s", "logit": {"name": "untyped", "temperature": "4"}}]},
      "stages[1].logit: a training step on 4 validation images failed: TypeError", line_of("        return F.mse_loss(student_logits / self.temperature, teacher_logits / self.temperature)")),
 ]
@@ -160,16 +160,16 @@ def test_a_broken_plugin_stops_the_run_before_the_teacher_trains(smoke_config, b
 def test_the_check_covers_every_seed_and_leaves_no_trace_in_the_run(smoke_config, monkeypatch):
     """Each (stage, seed) distiller is tried once before training; the trained weights equal those of a run
     without the check (the dry step restores what it touched)."""
-    import kd.study
+    import kd.study.study
     stages = [{"name": "crd", "features": [{"name": "crd", "student": "pool", "teacher": "avgpool", "nce_k": 16}]}]
     cfg = smoke_config(seeds=[0, 1], stages=stages)
     tried = []
-    dry_step = kd.study.dry_step
-    monkeypatch.setattr(kd.study, "dry_step", lambda d, *a, **k: tried.append(k.get("student_key")) or dry_step(d, *a, **k))
+    dry_step = kd.study.study.dry_step
+    monkeypatch.setattr(kd.study.study, "dry_step", lambda d, *a, **k: tried.append(k.get("student_key")) or dry_step(d, *a, **k))
     assert run.main(["--config", str(cfg), "--device", "cpu"]) == 0
     assert tried == ["teacher", None, None]
     checked = torch.load(cfg.parent / "runs" / "smoke" / "crd" / "seed1" / "last.pt", weights_only=True)["learnable"]
-    monkeypatch.setattr(kd.study.Study, "check", lambda self: None)
+    monkeypatch.setattr(kd.study.study.Study, "check", lambda self: None)
     unchecked_cfg = smoke_config(seeds=[0, 1], stages=stages, name="unchecked")
     assert run.main(["--config", str(unchecked_cfg), "--device", "cpu"]) == 0
     unchecked = torch.load(cfg.parent / "runs" / "unchecked" / "crd" / "seed1" / "last.pt", weights_only=True)

@@ -11,10 +11,10 @@ import pytest
 import yaml
 from PIL import Image
 
-import kd.folders
+import kd.data.folders
 import run
 from kd.config import DataConfig
-from kd.data import build_data
+from kd.data.datasets import build_data
 from kd.errors import ConfigError
 
 from conftest import ROOT, one_error_line
@@ -41,9 +41,9 @@ def data_cfg(root, **changes):
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["folders", "tar.gz"])
-@pytest.mark.parametrize("chunk", [kd.folders.CHUNK, 5], ids=["one process", "decoding processes"])
+@pytest.mark.parametrize("chunk", [kd.data.folders.CHUNK, 5], ids=["one process", "decoding processes"])
 def test_folders_are_decoded_once_into_the_tensor_pipeline_with_their_labels(tmp_path, packed, chunk, monkeypatch):
-    monkeypatch.setattr(kd.folders, "CHUNK", chunk)  # 5: 36 images in 8 tasks, for as many processes as CPUs
+    monkeypatch.setattr(kd.data.folders, "CHUNK", chunk)  # 5: 36 images in 8 tasks, for as many processes as CPUs
     source = tmp_path / "src"
     pixels = write_folders(source)
     root = tmp_path / "data"
@@ -58,7 +58,7 @@ def test_folders_are_decoded_once_into_the_tensor_pipeline_with_their_labels(tmp
     assert data.pipeline == "tensor" and (data.num_classes, data.in_channels, data.image_size) == (3, 3, 12)
     images, labels = data.tensors["test"]
     assert len(images) == 12 and sorted(labels.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
-    arrays = kd.folders.load_decoded(root)
+    arrays = kd.data.folders.load_decoded(root)
     for image, label in zip(arrays["test_images"], arrays["test_labels"]):  # every image is the file's, labelled by its folder
         match = [name for name, x in pixels.items() if name.startswith("test/") and np.array_equal(x, image)]
         assert len(match) == 1 and match[0].split("/")[1] == CLASSES[label]
@@ -70,7 +70,7 @@ def test_folders_are_decoded_once_into_the_tensor_pipeline_with_their_labels(tmp
 
     def no_decoding(source):
         raise AssertionError("decoded again")
-    monkeypatch.setattr(kd.folders, "decode", no_decoding)
+    monkeypatch.setattr(kd.data.folders, "decode", no_decoding)
     assert build_data(data_cfg(root)).content == data.content  # the stored arrays, not a second decoding
 
 
@@ -100,9 +100,9 @@ def test_grey_folders_and_given_normalisation(tmp_path):
      "test/dog/odd.png is 16x20 where the first image is 12x12"),
     (lambda path: path.with_suffix(".jpg").write_bytes(b"not a jpeg"),
      "test/dog/odd.jpg is not an image Pillow can read (cannot identify image file")], ids=["size", "unreadable"])
-@pytest.mark.parametrize("chunk", [kd.folders.CHUNK, 5], ids=["one process", "decoding processes"])
+@pytest.mark.parametrize("chunk", [kd.data.folders.CHUNK, 5], ids=["one process", "decoding processes"])
 def test_an_image_of_another_size_or_an_unreadable_one_is_one_line(tmp_path, capsys, odd, says, chunk, monkeypatch):
-    monkeypatch.setattr(kd.folders, "CHUNK", chunk)
+    monkeypatch.setattr(kd.data.folders, "CHUNK", chunk)
     write_folders(tmp_path)
     odd(tmp_path / "test" / "dog" / "odd")
     raw = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from kd.config import StageConfig, from_dict, load_config
-from kd.distiller import Distiller
-from kd.losses import Probe
-from kd.losses.fitnets import FitNets
-from kd.losses.kd import KD
-from kd.models import create_model
-from kd.tensor_data import Batch
+from kd.train.distiller import Distiller
+from kd.train.losses import Probe
+from kd.train.losses.fitnets import FitNets
+from kd.train.losses.kd import KD
+from kd.train.models import create_model
+from kd.data.tensors import Batch
 
 from conftest import CONFIGS
 

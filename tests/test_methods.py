@@ -7,17 +7,17 @@ import torch
 import torch.nn.functional as F
 
 from kd.config import StageConfig, from_dict
-from kd.distiller import Distiller
-from kd.losses import FEATURE_LOSSES, LOGIT_LOSSES, Probe, Step
-from kd.losses.at import AT
-from kd.losses.crd import CRD
-from kd.losses.dist import DIST
-from kd.losses.dkd import DKD, decoupled_kl
-from kd.losses.kd import KD
-from kd.losses.reviewkd import ReviewKD, hcl
+from kd.train.distiller import Distiller
+from kd.train.losses import FEATURE_LOSSES, LOGIT_LOSSES, Probe, Step
+from kd.train.losses.at import AT
+from kd.train.losses.crd import CRD
+from kd.train.losses.dist import DIST
+from kd.train.losses.dkd import DKD, decoupled_kl
+from kd.train.losses.kd import KD
+from kd.train.losses.reviewkd import ReviewKD, hcl
 from kd.errors import ConfigError
-from kd.losses.rkd import RKD
-from kd.tensor_data import Batch
+from kd.train.losses.rkd import RKD
+from kd.data.tensors import Batch
 
 from test_losses import models
 
@@ -199,7 +199,7 @@ def test_every_registered_method_has_a_gradient_test():
     covered = {spec.get("logit", {}).get("name") for spec in METHOD_STAGES.values()}
     covered |= {f["name"] for spec in METHOD_STAGES.values() for f in spec.get("features", [])}
     shipped = {n for reg in (LOGIT_LOSSES, FEATURE_LOSSES) for n in reg.names()
-               if reg.get(n, "").__module__.startswith("kd.losses.")}  # not the ones other tests register
+               if reg.get(n, "").__module__.startswith("kd.train.losses.")}  # not the ones other tests register
     assert len(shipped) == 8 and shipped <= covered
 
 
@@ -223,7 +223,7 @@ def test_every_method_is_nonzero_and_its_gradient_reaches_the_student_and_its_mo
 
 @pytest.mark.parametrize("name", METHOD_STAGES)
 def test_every_method_trains_without_reading_a_value_on_the_host(name):
-    """What a step captured in a CUDA graph needs (kd/step.py): after a first eager step, forward and backward run
+    """What a step captured in a CUDA graph needs (kd/train/step.py): after a first eager step, forward and backward run
     on `meta` tensors, which hold no values, so any read on the host (`.item()`, `min()` on a tensor, a
     tensor-dependent `if`) fails here. DKD's warm-up did, through `min(step.epoch / warmup, 1.0)`."""
     teacher, student = models()

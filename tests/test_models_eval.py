@@ -5,8 +5,8 @@ import torchvision
 from torch import nn
 
 from kd.config import EvalConfig, load_config
-from kd.evaluate import LiveTensorBytes, macs_per_image, peak_memory, profile
-from kd.models import count_parameters, create_model, load_weights
+from kd.measure.evaluate import LiveTensorBytes, macs_per_image, peak_memory, profile
+from kd.train.models import count_parameters, create_model, load_weights
 from kd.errors import ConfigError
 
 from conftest import CONFIGS, Payload

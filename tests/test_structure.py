@@ -10,10 +10,10 @@ import torch
 
 import run
 from kd.config import Config, StageConfig, from_dict, to_dict
-from kd.distiller import Distiller, Taps, feature_layers
-from kd.models import create_model
+from kd.train.distiller import Distiller, Taps, feature_layers
+from kd.train.models import create_model
 from kd.store import fingerprint
-from kd.tensor_data import Batch
+from kd.data.tensors import Batch
 
 from conftest import ROOT
 
@@ -142,7 +142,7 @@ def test_the_distillation_step_compiles_as_one_graph_with_its_feature_taps():
 
 def test_list_prints_every_registered_name_with_its_parameters_and_a_config_plugins_too(tmp_path):
     plugin = tmp_path / "listed.py"
-    plugin.write_text("from torch import nn\nfrom kd.losses import LOGIT_LOSSES\n\n\n"
+    plugin.write_text("from torch import nn\nfrom kd.train.losses import LOGIT_LOSSES\n\n\n"
                       "@LOGIT_LOSSES.register('listed_method')\nclass Listed(nn.Module):\n"
                       "    def __init__(self, tau: float = 2.0):\n        super().__init__()\n")
     config = tmp_path / "c.yaml"

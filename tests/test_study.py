@@ -8,12 +8,12 @@ import pytest
 import torch
 import yaml
 
-import kd.study
-import kd.train
+import kd.study.study
+import kd.train.trainer
 import run
-from kd.data import DEBIAN_FASHION_MNIST
-from kd.distiller import Distiller
-from kd.train import Trainer
+from kd.data.datasets import DEBIAN_FASHION_MNIST
+from kd.train.distiller import Distiller
+from kd.train.trainer import Trainer
 
 from conftest import ROOT
 
@@ -94,8 +94,8 @@ def test_repeated_seeds_train_each_stage_per_seed_and_report_mean_and_std(smoke_
 
 
 def test_students_on_a_subset_train_on_it_and_the_report_says_who_learnt_from_how_many(smoke_config, monkeypatch):
-    trained_on, loader = [], kd.study.train_loader
-    monkeypatch.setattr(kd.study, "train_loader", lambda data, *a, **k: trained_on.append(len(data.train))
+    trained_on, loader = [], kd.study.study.train_loader
+    monkeypatch.setattr(kd.study.study, "train_loader", lambda data, *a, **k: trained_on.append(len(data.train))
                         or loader(data, *a, **k))
     cfg = smoke_config(train={"epochs": 1, "subset": 40, "warmup_epochs": 0}, stages=[{"name": "baseline"}])
     assert run.main(["--config", str(cfg), "--device", "cpu"]) == 0
@@ -161,8 +161,8 @@ def test_checkpoints_wait_for_checkpoint_seconds_and_keep_the_best_epoch(smoke_c
     """With an epoch far shorter than train.checkpoint_seconds, a student's best.pt and last.pt are written once,
     after its final epoch, and hold what writing them every epoch leaves: best.pt the best epoch's weights (the
     first, as validation says here), not the last's."""
-    writes, save, validate = [], kd.train.save, Trainer.validate
-    monkeypatch.setattr(kd.train, "save", lambda obj, path: (writes.append(Path(path)), save(obj, path)))
+    writes, save, validate = [], kd.train.trainer.save, Trainer.validate
+    monkeypatch.setattr(kd.train.trainer, "save", lambda obj, path: (writes.append(Path(path)), save(obj, path)))
 
     def worse_every_epoch(self):  # the real pass, then a top-1 that falls: the first epoch stays the best
         return {**validate(self), "top1": 0.9 - 0.1 * self.epoch}

@@ -1,4 +1,4 @@
-"""kd/tensor_data.py: the hash behind the augmentation, its equality with torchvision's transforms, the loader's
+"""kd/data/tensors.py: the hash behind the augmentation, its equality with torchvision's transforms, the loader's
 order and replayable augmentation, and from_subset, on small synthetic tensors."""
 import numpy as np
 import pytest
@@ -9,7 +9,7 @@ from PIL import Image
 from torch.utils.data import Subset
 
 from kd.config import AugmentConfig
-from kd.tensor_data import TensorLoader, _mix32, aug_params, augment, from_subset, normalize
+from kd.data.tensors import TensorLoader, _mix32, aug_params, augment, from_subset, normalize
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 CIFAR_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))

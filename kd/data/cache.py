@@ -1,0 +1,181 @@
+"""Teacher outputs computed once for K augmented views of every training image, replayed by every student.
+
+Correct under random augmentation by construction: the tensor pipeline's crop and flip for a sample are a pure
+function of (seed, view, index), so student epoch e replays view e mod K with exactly the pixels the teacher saw.
+A per-index cache without views (as in torchdistill) would pair outputs with the wrong crops.
+"""
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kd.config import to_dict
+from kd.device import autocast, memory_format
+from kd.errors import ConfigError, KDError
+from kd.log import Progress, info
+from kd.store import file_digest, fingerprint, free_bytes, read_json, write_json
+
+FORMAT = 3
+
+
+def size(n):
+    """Bytes as a person reads them: never '0.00 GiB' for a few MiB."""
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} bytes"
+
+
+class TeacherCache:
+    """Memory-mapped fp16 arrays under `<dir>/<key>/`: logits (K, N, classes), or the top-k values and class
+    indices when classes are many, and one array per cached feature layer. `manifest.json`, written last, holds
+    each array file's digest, checked at every open: a cache without it (a build that was killed), with a damaged
+    manifest, or with an array of the wrong size or content is rebuilt, with a message."""
+
+    def __init__(self, folder, manifest, device):
+        self.folder, self.manifest, self.device = folder, manifest, device
+        self.arrays = {name: place(np.load(folder / f"{name}.npy", mmap_mode="c"), device)
+                       for name in manifest["arrays"]}
+
+    @property
+    def layers(self):
+        """The tap keys of the teacher layers it holds."""
+        return {name.split(".", 1)[1] for name in self.arrays if name.startswith("feature.")}
+
+    @staticmethod
+    def locate(cfg, identity, feature_shapes, n, num_classes):
+        """The cache's folder, keyed by everything that shapes the stored outputs, and its plan: array name ->
+        (shape, dtype). `identity`: what comes from outside (the training images, augmentation and its seed, the
+        teacher's weights, the precision); the cache adds its own settings and the recorded layers' shapes."""
+        key = fingerprint(FORMAT, identity, to_dict(cfg, "results"), feature_shapes)
+        arrays = {}
+        if cfg.topk and cfg.topk < num_classes:
+            arrays["topk_values"] = ((cfg.views, n, cfg.topk), np.float16)
+            arrays["topk_indices"] = ((cfg.views, n, cfg.topk), np.int32)
+        else:
+            arrays["logits"] = ((cfg.views, n, num_classes), np.float16)
+        for layer, shape in feature_shapes.items():
+            arrays[f"feature.{layer}"] = ((cfg.views, n, *shape), np.float16)
+        return Path(cfg.dir) / key, arrays
+
+    @staticmethod
+    def nbytes(plan):
+        return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in plan.values())
+
+    @classmethod
+    def ensure_room(cls, folder, plan):
+        """Refuse, before anything is written, a cache that is not on disk yet and would not fit."""
+        if (folder / "manifest.json").exists():
+            return
+        need, free = cls.nbytes(plan), free_bytes(folder)
+        if need > free:
+            raise ConfigError("cache.dir", f"the teacher cache needs {size(need)} but {folder.parent} has "
+                              f"{size(free)} free; free space, point cache.dir elsewhere, lower cache.views "
+                              "or use cache: logits")
+
+    @classmethod
+    def open_or_build(cls, folder, plan, teacher, taps, loader, num_classes, device, train_cfg):
+        """Reuse the intact cache in `folder`, build it otherwise. `loader` is the students' training loader,
+        unshuffled: the cache records the very pixels they train on."""
+        manifest = cls.read_valid_manifest(folder, plan)
+        if manifest is None:
+            manifest = cls.build(folder, plan, teacher, taps, loader, num_classes, device, train_cfg)
+        return cls(folder, manifest, device)
+
+    @staticmethod
+    def read_valid_manifest(folder, plan):
+        """The manifest of a complete, intact cache for `plan`, or None (with the reason) to rebuild it."""
+        path = folder / "manifest.json"
+        if not path.exists():
+            if folder.exists():
+                info(f"[cache] {folder} is incomplete (no manifest); rebuilding")
+            return None
+        try:
+            manifest = read_json(path, "")
+        except KDError:
+            info(f"[cache] {path} is damaged; rebuilding")
+            return None
+        start, total = time.perf_counter(), 0
+        for name, (shape, _) in plan.items():
+            file, entry = folder / f"{name}.npy", manifest["arrays"].get(name, {})
+            if not file.exists() or file.stat().st_size != entry.get("bytes") or entry.get("shape") != list(shape):
+                info(f"[cache] {file} is missing, truncated or of another shape; rebuilding")
+                return None
+            if file_digest(file) != entry.get("digest"):
+                info(f"[cache] {file} does not match its digest (damaged); rebuilding")
+                return None
+            total += entry["bytes"]
+        info(f"[cache] reusing {folder} ({total / 2**20:.1f} MiB verified in {time.perf_counter() - start:.2f} s)")
+        return manifest
+
+    @classmethod
+    def build(cls, folder, plan, teacher, taps, loader, num_classes, device, train_cfg):
+        """One teacher pass per view over `loader`, in inference mode, in the students' precision and memory
+        format (`train_cfg`), as a live teacher would run inside their training step."""
+        cls.ensure_room(folder, plan)
+        views = next(iter(plan.values()))[0][0]
+        info(f"[cache] building {cls.nbytes(plan) / 2**20:.1f} MiB of teacher outputs in {folder} ({views} views)")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "manifest.json").unlink(missing_ok=True)
+            arrays = {name: np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+                      for name, (shape, dtype) in plan.items()}
+        except OSError as e:
+            raise ConfigError("cache.dir", f"cannot write the teacher cache in {folder} ({e.strerror or e})") from None
+        layers = [name.split(".", 1)[1] for name in plan if name.startswith("feature.")]
+        teacher.eval()
+        taps.take()
+        for view in range(views):
+            loader.set_epoch(view)
+            for batch in Progress(loader, f"[cache] view {view + 1}/{views}"):
+                rows = batch.index.cpu().numpy()
+                with torch.inference_mode(), autocast(device, train_cfg.amp):
+                    logits = teacher(batch.images.to(memory_format=memory_format(train_cfg))).float()
+                features = taps.take()
+                if "logits" in arrays:
+                    arrays["logits"][view, rows] = logits.cpu().numpy()
+                else:
+                    k = arrays["topk_values"].shape[-1]
+                    values, classes = logits.topk(k, dim=1)
+                    arrays["topk_values"][view, rows] = values.cpu().numpy()
+                    arrays["topk_indices"][view, rows] = classes.cpu().numpy()
+                for layer in layers:
+                    arrays[f"feature.{layer}"][view, rows] = features[layer].float().cpu().numpy()
+        for array in arrays.values():
+            array.flush()
+        files = {name: folder / f"{name}.npy" for name in plan}
+        manifest = {"format": FORMAT, "views": views, "size": loader.dataset_size, "num_classes": num_classes,
+                    "arrays": {name: {"shape": list(shape), "bytes": files[name].stat().st_size,
+                                      "digest": file_digest(files[name])} for name, (shape, _) in plan.items()}}
+        write_json(folder / "manifest.json", manifest)
+        return manifest
+
+    def lookup(self, view, idx):
+        """Teacher logits (and features) for the samples `idx` as seen in `view`, on the training device. With the
+        arrays on that device (see `place`) this is a gather there: no host sync, and a graph torch.compile sees.
+        `view`: an int, or a tensor on idx's device (then a compiled step does not recompile for each view)."""
+        rows = idx + view * self.manifest["size"]  # into the arrays flattened over (view, sample)
+        if "logits" in self.arrays:
+            logits = self._fetch("logits", rows).float()
+        else:
+            values, classes = self._fetch("topk_values", rows).float(), self._fetch("topk_indices", rows)
+            # Classes outside the top-k get a logit far below any kept one: ~zero probability, and no NaN.
+            logits = torch.full((len(rows), self.manifest["num_classes"]), -1e4, device=self.device)
+            logits.scatter_(1, classes.long(), values)
+        features = {layer: self._fetch(f"feature.{layer}", rows).float() for layer in self.layers}
+        return {"logits": logits, "features": features}
+
+    def _fetch(self, name, rows):
+        array = self.arrays[name]
+        return array.flatten(0, 1).index_select(0, rows.to(array.device)).to(self.device, non_blocking=True)
+
+
+def place(array, device):
+    """A cache array as a tensor where lookups are cheapest: the memory-mapped file itself for a CPU run (only the
+    rows a batch uses are read), a copy in the accelerator's memory when it takes at most half of what is free
+    there, else the mapped file, whose rows are gathered on the CPU and copied over every step."""
+    mapped = torch.from_numpy(array)  # copy-on-write map: writable for torch, the file is never changed
+    if device.type == "cpu" or device.type == "cuda" and mapped.nbytes > torch.cuda.mem_get_info(device)[0] // 2:
+        return mapped
+    return mapped.to(device)

@@ -1,0 +1,244 @@
+"""One training loop for the teacher, the baseline and every distilled student, with exact resume."""
+import contextlib
+import csv
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from kd.device import barrier, is_main, memory_format, resolve_compile, resolve_graph
+from kd.errors import ConfigError, KDError, first_line
+from kd.measure.evaluate import accuracy
+from kd.log import Progress, info
+from kd.train.profiler import profiled
+from kd.train.step import TrainStep
+from kd.store import BEST, LAST, METRICS, atomic, load, save
+
+SYNC_EVERY = 50
+
+
+def fused_optimizer(device):
+    """Fused optimizers (one kernel for every parameter) on CUDA, where PyTorch documents them as its fastest
+    implementation; the default (foreach) on the CPU, where fused measured no faster (README: Speed on a GPU)."""
+    return device.type == "cuda"
+
+
+def make_optimizer(params, cfg, fused=False, capturable=False):
+    """`capturable`: AdamW's step counts kept on the device, as a step captured in a CUDA graph needs."""
+    fused = fused or None  # None: torch's default implementation
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay, fused=fused)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused, capturable=capturable)
+
+
+def make_scheduler(optimizer, cfg, steps_per_epoch):
+    """Stepped every batch; linear warm-up then the named shape (one-cycle brings its own warm-up)."""
+    total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=max(total, 1),
+                                                   pct_start=cfg.warmup_epochs / cfg.epochs if cfg.warmup_epochs else 0.3)
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+        if cfg.schedule == "step":
+            return cfg.gamma ** sum(step >= m * steps_per_epoch for m in cfg.milestones)
+        return 1.0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def rng_state(generator):
+    """Every generator's state as tensors and plain values, so last.pt loads with weights_only: NumPy's MT19937
+    keys go in as a tensor, not as the array its state tuple holds."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+             "gauss": float(gauss)}
+    state = {"torch": torch.get_rng_state(), "numpy": numpy, "python": random.getstate()}
+    if generator is not None:
+        state["loader"] = generator.get_state()
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state, generator):
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate(state["python"])
+    if generator is not None:
+        generator.set_state(state["loader"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Trains `distiller.learnable()`; writes `metrics.csv` every epoch, and `last.pt` (everything needed to resume)
+    with `best.pt` (student weights of the best validation epoch, with the model's card: kd/deploy/card.py) at every
+    checkpoint (`cfg.checkpoint_seconds`), all inside `out_dir`."""
+
+    def __init__(self, distiller, cfg, loaders, device, out_dir, seed, fingerprint, name, clock, card=None,
+                 key="train", profile=None):
+        self.distiller, self.cfg, self.device, self.name, self.card, self.key = distiller, cfg, device, name, card, key
+        self.profile = profile  # a file: the last epoch is profiled into it (kd/train/profiler.py; bench.py --profile)
+        self.clock = clock  # the run's (kd/log.py): epochs, validation and checkpoints timed as parts of its phase
+        self.main = is_main()  # the one process that writes files
+        self.model = distiller
+        if dist.is_initialized():  # gradients of the student and the methods' modules are averaged across processes
+            self.model = DistributedDataParallel(distiller, device_ids=[device.index] if device.type == "cuda" else None)
+        self.compile = resolve_compile(cfg.compile, device)
+        if self.compile != "off":  # forward, loss and backward as compiled graphs; the optimizer step stays eager
+            self.model = torch.compile(self.model, mode=None if self.compile == "default" else self.compile)
+        self.train_loader, self.val_loader = loaders
+        self.out_dir, self.fingerprint = Path(out_dir), fingerprint
+        self.generator = self.train_loader.generator  # the loader's RNG state, if any, for exact resume
+        self.learnable = distiller.learnable()
+        graph = resolve_graph(cfg, device, key)
+        self.optimizer = make_optimizer([p for p in self.learnable.parameters() if p.requires_grad], cfg,
+                                        fused_optimizer(device), capturable=graph)
+        self.scheduler = make_scheduler(self.optimizer, cfg, len(self.train_loader))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        self.step = TrainStep(self.model, self.optimizer, self.scaler, cfg, device, graph, name, key)
+        self.memory_format = memory_format(cfg)
+        self.epoch, self.best, self.history = 0, {"val_top1": -1.0, "epoch": 0}, []
+        self.best_state = None  # the best epoch's weights until a checkpoint writes them to best.pt
+        self.saved_at = time.perf_counter()  # the last checkpoint, or the start
+        seed_everything(seed)
+
+    @property
+    def last_path(self):
+        return self.out_dir / LAST
+
+    def state(self):
+        """Everything needed to resume. Learning rates are saved as numbers, also where a CUDA graph holds them in
+        device tensors (kd/train/step.py), so a run resumes with or without the graph, on any device."""
+        optimizer, scheduler = self.optimizer.state_dict(), self.scheduler.state_dict()
+        for group in optimizer["param_groups"]:
+            group["lr"] = float(group["lr"])
+        scheduler["_last_lr"] = [float(lr) for lr in scheduler["_last_lr"]]
+        return {"fingerprint": self.fingerprint, "epoch": self.epoch, "best": self.best, "history": self.history,
+                "learnable": self.learnable.state_dict(), "optimizer": optimizer, "scheduler": scheduler,
+                "scaler": self.scaler.state_dict(), "rng": rng_state(self.generator)}
+
+    def resume(self):
+        ckpt = load(self.last_path, f"delete {self.out_dir} to train {self.name} from its start")
+        if ckpt["fingerprint"] != self.fingerprint:
+            raise KDError(f"{self.last_path}: this unfinished stage was started with a different config; "
+                          "delete it or restore the config to resume")
+        self.learnable.load_state_dict(ckpt["learnable"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"], self.generator)
+        self.epoch, self.best, self.history = ckpt["epoch"], ckpt["best"], ckpt["history"]
+        info(f"[{self.name}] resuming after epoch {self.epoch} of {self.cfg.epochs}")
+
+    def fit(self):
+        """Train the remaining epochs; return the best validation result and the mean training throughput."""
+        if self.epoch == 0 and self.cfg.epochs == 0:
+            self.keep_best(self.validate()["top1"])
+            with self.clock.part("checkpoints"):
+                self.write_best()
+        while self.epoch < self.cfg.epochs:
+            with self.clock.part("epochs"), profiled(self.profile, self.device, len(self.train_loader)) \
+                    if self.profile and self.epoch == self.cfg.epochs - 1 else contextlib.nullcontext():
+                train = self.train_epoch()
+            val = self.validate()
+            self.epoch += 1
+            if val["top1"] > self.best["val_top1"]:
+                self.keep_best(val["top1"])
+            self.log({"epoch": self.epoch, "lr": float(self.optimizer.param_groups[0]["lr"]), **train,
+                      **{f"val_{k}": v for k, v in val.items()}})
+            if self.epoch == self.cfg.epochs or time.perf_counter() - self.saved_at >= self.cfg.checkpoint_seconds:
+                self.checkpoint()
+        barrier()  # every process reads best.pt next
+        return self.best
+
+    def keep_best(self, val_top1):
+        """Note the current epoch as the best so far, and copy its weights (on their device) for best.pt."""
+        self.best = {"val_top1": val_top1, "epoch": self.epoch}
+        if self.main:
+            self.best_state = {k: v.detach().clone() for k, v in self.distiller.student.state_dict().items()}
+
+    def write_best(self):
+        if self.best_state is not None:
+            save({"model": self.best_state, "fingerprint": self.fingerprint, "card": self.card}, self.out_dir / BEST)
+            self.best_state = None
+
+    def checkpoint(self):
+        """best.pt (if a better epoch came since it was written), then last.pt, which records that epoch as the
+        best: a run resumes from a pair that agree, having lost at most the epochs since."""
+        if self.main:
+            with self.clock.part("checkpoints"):
+                self.write_best()
+                save(self.state(), self.last_path)
+        self.saved_at = time.perf_counter()
+
+    def train_epoch(self):
+        """One pass over the training split. The step's running sums stay on the device and are read (a GPU
+        sync) only every `SYNC_EVERY` steps, for the progress bar and the finite-loss check."""
+        self.distiller.train()
+        self.train_loader.set_epoch(self.epoch)  # order, augmentation view and shard are functions of the epoch
+        self.step.reset()
+        seen, start = 0, time.perf_counter()
+        bar = Progress(self.train_loader, f"[{self.name}] epoch {self.epoch + 1}/{self.cfg.epochs}")
+        for i, batch in enumerate(bar, 1):
+            with self.compiler_errors():
+                self.step(batch.to(self.device, self.memory_format), self.epoch + (i - 1) / len(self.train_loader))
+            self.scheduler.step()
+            seen += len(batch.labels)  # known on the host: counted there, as a tensor it would cost a sync
+            if i % SYNC_EVERY == 0 or i == len(self.train_loader):
+                correct, total_loss = self.step.sums[[0, 1 + self.step.terms.index("loss")]].tolist()
+                if not math.isfinite(total_loss):
+                    raise KDError(f"[{self.name}] the loss became {total_loss / seen} in epoch {self.epoch + 1}; "
+                                  "lower the learning rate or set train.grad_clip")
+                bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}",
+                                img_s=f"{seen / (time.perf_counter() - start):.0f}")
+        sums = torch.cat([self.step.sums.new_tensor([seen]), self.step.sums])
+        if dist.is_initialized():
+            dist.all_reduce(sums)
+        elapsed = time.perf_counter() - start
+        seen, correct, *totals = sums.tolist()
+        return {**{f"train_{k}": v / seen for k, v in zip(self.step.terms, totals)}, "train_top1": correct / seen,
+                "train_images_per_s": seen / elapsed, "epoch_seconds": elapsed}
+
+    @contextlib.contextmanager
+    def compiler_errors(self):
+        """A failure of torch.compile (no C++ compiler, an operator it cannot lower) as one line naming the key."""
+        try:
+            yield
+        except torch._dynamo.exc.TorchDynamoException as e:
+            raise ConfigError(f"{self.key}.compile", f"torch.compile (mode '{self.compile}') failed in "
+                              f"{self.name}: {first_line(e)}; set it to off") from None
+
+    def validate(self):
+        with self.clock.part("validation"):
+            result = accuracy(self.distiller.student, self.val_loader, self.device, self.cfg.amp, self.memory_format)
+        self.distiller.student_taps.take()  # drop what validation recorded: a compiled step guards on the taps
+        return result
+
+    def log(self, row):
+        """Rewrite the CSV from the checkpointed history, so a resumed run never repeats or loses a row."""
+        self.history.append(row)
+        if not self.main:
+            return
+        with atomic(self.out_dir / METRICS) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            writer.writeheader()
+            writer.writerows({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in r.items()} for r in self.history)
+        info(f"[{self.name}] epoch {self.epoch}/{self.cfg.epochs} loss {row['train_loss']:.4f} "
+              f"train {row['train_top1']:.4f} val {row['val_top1']:.4f} ({row['train_images_per_s']:.0f} img/s)")
