@@ -18,7 +18,8 @@ Throughput is whole training epochs (data, augmentation, teacher or cache lookup
 validation excluded: the mean over epochs, and the last epoch's alone (steady state: compiling happens in
 the first). The teacher checkpoint must exist: run the study first. Results go to <output_dir>/<name>_bench/
 (bench.md, bench.json) and are printed. --profile also profiles each run's last epoch (torch.profiler: wall and
-GPU-busy milliseconds per step, the operators that cost most on the host and on the GPU) into profile_<run>.txt.
+GPU-busy milliseconds per step, the operators that cost most on the host and on the GPU) into its folder's
+profile.txt.
 
 --formats instead times the forward-pass options on the config's models and batch size: the teacher's
 inference (what building the cache or a live teacher costs) and one student training step, in fp32 and bf16
@@ -44,14 +45,14 @@ from pathlib import Path
 import torch
 
 from kd.config import COMPILE_MODES, load_config
-from kd.device import autocast, resolve_graph, synchronize
+from kd.device import autocast, resolve_recipe, synchronize
 from kd.train.distiller import Distiller
 from kd.errors import ConfigError, KDError
 from kd.measure.evaluate import timed
 from kd.measure.report import device_name
 from kd.store import BEST, METRICS
 from kd.data.tensors import TensorLoader
-from kd.train.trainer import make_optimizer
+from kd.train.trainer import Run, make_optimizer
 
 VARIANTS = ("alone", "alone_loader", "live", "cached", "teacher")
 STUDENT_VARIANTS = VARIANTS[:-1]  # the default: what distillation costs against the student alone
@@ -75,7 +76,7 @@ def parse_args(argv):
                    help="what to train (default: every student variant)")
     p.add_argument("--modes", nargs="+", choices=COMPILE_MODES, help="train.compile modes to time (default: the config's)")
     p.add_argument("--profile", action="store_true",
-                   help="profile each run's last epoch into profile_<run>.txt (host and GPU time per operator)")
+                   help="profile each run's last epoch into its folder's profile.txt (host and GPU time per operator)")
     p.add_argument("--formats", action="store_true", help="time fp32/bf16, channels_last (and --compile) instead")
     p.add_argument("--compile", action="store_true", help="with --formats: also time torch.compile'd models")
     p.add_argument("--repeats", type=positive, default=10, help="with --formats: timed repeats per variant")
@@ -84,6 +85,8 @@ def parse_args(argv):
 
 
 def bench_config(args):
+    """The config, its study renamed `<name>_bench` with a fresh cache (so its build is timed) in the mode the
+    cached variant replays, and the stage to time."""
     overrides = args.set + ([f"device={args.device}"] if args.device else []) + \
         ([f"train.epochs={args.epochs}"] if args.epochs is not None else [])
     cfg = load_config(args.config, overrides)
@@ -91,7 +94,8 @@ def bench_config(args):
     if not stages:
         raise ConfigError("--stage", f"no stage with a logit method named {args.stage or '(any)'} in {args.config}")
     name = f"{cfg.name}_bench"
-    cache = dataclasses.replace(cfg.cache, dir=str(Path(cfg.output_dir) / name / "cache"))  # fresh, so it is timed
+    cache = dataclasses.replace(cfg.cache, dir=str(Path(cfg.output_dir) / name / "cache"),
+                                mode=cache_mode(cfg, stages[0]))
     return dataclasses.replace(cfg, name=name, cache=cache), stages[0]
 
 
@@ -103,28 +107,31 @@ def cache_mode(cfg, stage):
     return "logits+features" if stage.features else "logits"
 
 
-def train_variant(study, variant, stage, seed, mode, cache=None, profile=False):
+def train_variant(study, variant, stage, seed, mode, cache=None):
     """Train one fresh student of `seed` (`stage` None: labels only; variant "teacher": a fresh teacher on its
-    recipe, labels only) with `mode` as its compile mode; return its training throughput (mean over epochs, and
-    the last epoch's), test accuracy and, with `profile`, its last epoch's profile (the file's first line)."""
-    name, cfg = f"{variant}_{mode}_s{seed}", study.cfg
-    # the model's config, its key and its recipe's (named by the recipe's one-line errors)
-    model, key, recipe, recipe_key = (cfg.teacher, "teacher", cfg.teacher.train, "teacher.train") \
-        if variant == "teacher" else (cfg.student, "student", cfg.train, "train")
-    distiller = Distiller(study.new_model(model, key, seed), label_smoothing=recipe.label_smoothing) if stage is None \
-        else study.new_distiller(stage, seed, cache)
-    profiled = cfg.run_dir / f"profile_{name}.txt" if profile else None
-    recipe = dataclasses.replace(recipe, compile=mode, epochs=cfg.train.epochs,
-                                 warmup_epochs=min(recipe.warmup_epochs, cfg.train.epochs))
-    trained = study.fit(name, distiller, recipe, key=name, seed=seed, views=cfg.cache.views if cache else None,
-                        profile=profiled, recipe=recipe_key)
-    result = study.finish(name, distiller.student, name, f"{name}/{BEST}", trained)
-    with open(study.folder.model(name) / METRICS) as f:
+    recipe, labels only) with `mode` as its compile mode, resolved as the study resolves its recipes; return its
+    training throughput (mean over epochs, and the last epoch's), test accuracy and, when the study profiles, its
+    last epoch's profile (the file's first line)."""
+    s = study.setting
+    name = f"{variant}_{mode}_s{seed}"
+    base, model_cfg, config_key = (s.runtime.teacher, s.cfg.teacher, "teacher") if variant == "teacher" \
+        else (s.runtime.student, s.cfg.student, "student")
+    epochs = s.cfg.train.epochs
+    train_cfg = dataclasses.replace(base.cfg, compile=mode, epochs=epochs,
+                                    warmup_epochs=min(base.cfg.warmup_epochs, epochs))
+    recipe = resolve_recipe(base.key, train_cfg, s.device, s.runtime.world > 1)
+    distiller = Distiller(s.new_model(model_cfg, config_key, seed), label_smoothing=train_cfg.label_smoothing) \
+        if stage is None else study.students.distiller(stage, seed, cache)
+    trained = s.train(distiller, recipe, Run(name, s.folder.model(name), name, seed),
+                      views=s.cfg.cache.views if cache else None)
+    result = s.evaluate(name, distiller.student, name, f"{name}/{BEST}", trained)
+    with open(s.folder.model(name) / METRICS) as f:
         last = list(csv.DictReader(f))[-1]
-    return {"variant": variant, "compile": mode, "seed": seed, "epoch_seconds": trained["epoch_seconds"],
-            "images_per_s": trained["train_images_per_s"], "last_images_per_s": float(last["train_images_per_s"]),
-            "test_top1": result.test_top1,
-            "profile": f"{profiled.name}: {profiled.read_text().splitlines()[0]}" if profile else None}
+    profiled = s.folder.model(name) / "profile.txt"
+    return {"variant": variant, "compile": mode, "graph": recipe.graph, "seed": seed,
+            "epoch_seconds": trained["epoch_seconds"], "images_per_s": trained["train_images_per_s"],
+            "last_images_per_s": float(last["train_images_per_s"]), "test_top1": result.test_top1,
+            "profile": f"{profiled}: {profiled.read_text().splitlines()[0]}" if s.profile else None}
 
 
 def run(cfg, stage, seeds, variants, modes, profile=False):
@@ -133,45 +140,44 @@ def run(cfg, stage, seeds, variants, modes, profile=False):
     if not os.path.exists(cfg.teacher.checkpoint):
         raise ConfigError("teacher.checkpoint", f"{cfg.teacher.checkpoint} does not exist; run the study first")
     shutil.rmtree(cfg.run_dir, ignore_errors=True)  # the benchmark always starts clean
-    study = Study(cfg)
-    if not study.data.tensors:
+    study = Study(cfg, profile=profile)
+    if not study.setting.data.tensors:
         raise ConfigError("data.pipeline", f"bench.py times distillation from the teacher cache, which needs the "
                           f"tensor pipeline: an in-memory dataset (cifar10, fashion_mnist) in one process; "
                           f"'{cfg.data.dataset}' with pipeline '{cfg.data.pipeline}' runs on a DataLoader")
-    study.obtain_teacher()
-    study.teacher.requires_grad_(False)
+    study.teacher.obtain()
     rows, build = [], None
     for mode in modes:
         if "teacher" in variants:
-            rows.append(train_variant(study, "teacher", None, seeds[0], mode, profile=profile))
+            rows.append(train_variant(study, "teacher", None, seeds[0], mode))
         if "alone" in variants:
-            rows.append(train_variant(study, "alone", None, seeds[0], mode, profile=profile))
+            rows.append(train_variant(study, "alone", None, seeds[0], mode))
         if "alone_loader" in variants:
             loader_study = Study(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, pipeline="loader"),
                                                      train=dataclasses.replace(cfg.train, epochs=1),
-                                                     cache=dataclasses.replace(cfg.cache, mode="off")))
-            rows.append({**train_variant(loader_study, "alone_loader", None, seeds[0], mode, profile=profile),
-                         "test_top1": None})
+                                                     cache=dataclasses.replace(cfg.cache, mode="off")),
+                                 profile=profile)
+            rows.append({**train_variant(loader_study, "alone_loader", None, seeds[0], mode), "test_top1": None})
         for seed in seeds:
             if "live" in variants:
-                rows.append(train_variant(study, "live", stage, seed, mode, profile=profile))
+                rows.append(train_variant(study, "live", stage, seed, mode))
             if "cached" in variants:
                 if build is None:
                     start = time.perf_counter()
-                    study.teacher_cache(mode=cache_mode(cfg, stage))
+                    study.students.cache()
                     build = time.perf_counter() - start
-                rows.append(train_variant(study, "cached", stage, seed, mode, study.teacher_cache(), profile))
+                rows.append(train_variant(study, "cached", stage, seed, mode, study.students.cache()))
     return study, rows, build
 
 
 def summarize(study, stage, rows, build):
+    s = study.setting
     seeds = sorted({r["seed"] for r in rows})
-    graph = "on" if resolve_graph(study.cfg.train, study.device, "train") else "off"
-    lines = [f"Benchmark of stage `{stage.name}` ({study.cfg.train.epochs} epochs, "
-             f"{len(study.student_data.train)} training images, seeds {seeds}) on {device_name(study.device)}, "
-             f"torch {torch.__version__}, train.graph {study.cfg.train.graph} ({graph}).", "",
-             "| variant | train.compile | epoch s | images/s | last epoch images/s | epoch time vs alone | test top-1 |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"Benchmark of stage `{stage.name}` ({s.cfg.train.epochs} epochs, "
+             f"{len(s.student_data.train)} training images, seeds {seeds}) on {device_name(s.device)}, "
+             f"torch {torch.__version__}; graph: the step in one CUDA graph (train.graph {s.cfg.train.graph}).", "",
+             "| variant | train.compile | graph | epoch s | images/s | last epoch images/s | epoch time vs alone | "
+             "test top-1 |", "|---|---|---|---|---|---|---|---|"]
     mean = lambda runs, key: statistics.fmean(r[key] for r in runs)
     notes = []
     for mode in dict.fromkeys(r["compile"] for r in rows):
@@ -184,7 +190,8 @@ def summarize(study, stage, rows, build):
                 f" +- {100 * statistics.stdev(tops):.2f}" if len(tops) > 1 else "")
             epoch = mean(runs, "epoch_seconds")
             ratio = f"{epoch / alone:.2f}x" if alone else "-"
-            lines.append(f"| {variant} | {mode} | {epoch:.1f} | {mean(runs, 'images_per_s'):.0f} | "
+            graph = "/".join(dict.fromkeys("on" if r["graph"] else "off" for r in runs))
+            lines.append(f"| {variant} | {mode} | {graph} | {epoch:.1f} | {mean(runs, 'images_per_s'):.0f} | "
                          f"{mean(runs, 'last_images_per_s'):.0f} | {ratio} | {acc} |")
         ratios = []
         if alone and "live" in by:
@@ -201,25 +208,24 @@ def summarize(study, stage, rows, build):
             notes.append(f"- compile {mode}: " + "; ".join(ratios))
     lines += [""] + notes + [f"- profile {r['profile']}" for r in rows if r.get("profile")]
     if build is not None:
-        lines.append(f"- cache build (one-off, {study.cfg.cache.views} views, mode {cache_mode(study.cfg, stage)}): "
-                     f"{build:.1f} s")
+        lines.append(f"- cache build (one-off, {s.cfg.cache.views} views, mode {s.cfg.cache.mode}): {build:.1f} s")
     return "\n".join(lines) + "\n"
 
 
 def formats(cfg, compile_too, repeats):
     """Images/s of teacher inference and of a student training step for each precision and memory format."""
-    from kd.study.study import Study
-    study = Study(cfg)
-    device, batch = study.device, cfg.data.batch_size
-    x = torch.randn(batch, *study.image_shape, device=device)
-    y = torch.randint(0, study.data.num_classes, (batch,), device=device)
+    from kd.setting.setting import Setting
+    setting = Setting(cfg)
+    device, batch = setting.device, cfg.data.batch_size
+    x = torch.randn(batch, *setting.image_shape, device=device)
+    y = torch.randint(0, setting.data.num_classes, (batch,), device=device)
     rows = []
     for amp in ("off", "bf16"):
         for channels_last in (False, True):
             for compiled in (False, True) if compile_too else (False,):
                 fmt = torch.channels_last if channels_last else torch.contiguous_format
-                teacher = study.new_model(cfg.teacher, "teacher").to(device, memory_format=fmt).eval()
-                student = study.new_model(cfg.student, "student").to(device, memory_format=fmt).train()
+                teacher = setting.new_model(cfg.teacher, "teacher").to(device, memory_format=fmt).eval()
+                student = setting.new_model(cfg.student, "student").to(device, memory_format=fmt).train()
                 run_teacher, run_student = (torch.compile(teacher), torch.compile(student)) if compiled \
                     else (teacher, student)
                 xf = x.contiguous(memory_format=fmt)
@@ -245,7 +251,7 @@ def formats(cfg, compile_too, repeats):
     base = rows[0]
     lines = [f"Forward-pass options at batch {batch} on {device_name(device)}, torch {torch.__version__}; "
              f"{cfg.teacher.name} teacher inference and {cfg.student.name} student training step (the recipe's "
-             f"optimizer, default and fused), input {tuple(study.image_shape)}, median of {repeats} repeats.", "",
+             f"optimizer, default and fused), input {tuple(setting.image_shape)}, median of {repeats} repeats.", "",
              "| amp | channels_last | compile | teacher infer img/s | vs fp32 | student train img/s | vs fp32 | "
              "fused optimizer img/s | vs fp32 |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -261,20 +267,20 @@ def formats(cfg, compile_too, repeats):
 def loader(cfg, epochs=3):
     """Wall ms and operator calls per training batch of the tensor pipeline, per device: the mean of `epochs` epochs
     after a first one (warm-up)."""
-    from kd.study.study import Study
-    study = Study(cfg)
-    if not study.data.tensors:
+    from kd.setting.setting import Setting
+    setting = Setting(cfg)
+    if not setting.data.tensors:
         raise ConfigError("data.pipeline", f"--loader times the tensor pipeline, which '{cfg.data.dataset}' with "
                           f"pipeline '{cfg.data.pipeline}' does not use")
-    images, labels = study.data.tensors["train"]
+    images, labels = setting.data.tensors["train"]
     lines = [f"Tensor pipeline, {len(labels)} training images, batch {cfg.data.batch_size}, augmentation "
              f"{dataclasses.asdict(cfg.data.augment)}, torch {torch.__version__}; the mean of {epochs} epochs after "
              "a first.", "", "| device | ms per batch | operator calls per batch |", "|---|---|---|"]
     rows = []
-    for device in (study.device, torch.device("meta")):
+    for device in (setting.device, torch.device("meta")):
         batches = TensorLoader(images.to(device), labels.to(device), cfg.data.batch_size, shuffle=True,
-                               drop_last=True, seed=cfg.seed, augment_cfg=cfg.data.augment, mean=study.data.mean,
-                               std=study.data.std, device=device)
+                               drop_last=True, seed=cfg.seed, augment_cfg=cfg.data.augment, mean=setting.data.mean,
+                               std=setting.data.std, device=device)
         seconds = []
         for epoch in range(epochs + 1):
             batches.set_epoch(epoch)

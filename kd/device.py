@@ -43,7 +43,7 @@ def resolve_device(name):
 @functools.lru_cache
 def native_bf16(device):
     """Whether `device` computes bf16 in hardware: CUDA GPUs that support it; CPUs with AVX512-BF16 or AMX. On
-    other CPUs bf16 is emulated: on an AVX2-only AMD EPYC (Zen 3) bf16 autocast ran ResNet-18 26x slower than fp32."""
+    other CPUs bf16 is emulated, and far slower than fp32 (docs/performance.md)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
@@ -52,8 +52,7 @@ def native_bf16(device):
 
 
 def resolve_amp(amp, device):
-    """The precision `amp` means on `device`: 'auto' is bf16 where it runs natively, else off (fp32). Cheap enough
-    for every step (the hardware answer is cached)."""
+    """The precision `amp` means on `device`: 'auto' is bf16 where it runs natively, else off (fp32)."""
     return amp if amp != "auto" else "bf16" if native_bf16(device) else "off"
 
 
@@ -69,53 +68,42 @@ def amp_reason(amp, device):
 
 
 def autocast(device, amp, cache=True):
-    """`cache=False` for a step captured in a CUDA graph, which must not reuse casts made outside it."""
-    amp = resolve_amp(amp, device)
+    """`amp`: a resolved precision ('off', 'bf16', 'fp16': a Recipe's). `cache=False` for a step captured in a CUDA
+    graph, which must not reuse casts made outside it."""
     if amp == "off":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16, cache_enabled=cache)
 
 
 def resolve_compile(mode, device):
-    """The torch.compile mode `mode` means on `device`. 'auto' is off: on the AVX2 CPU it was measured on, compiled
-    steps ran slower, and on an H100, where train.graph already replays the step in one CUDA graph, compiling
-    (default mode) made the CIFAR-10 student's epochs 1.3-1.5x faster but cost 10-21 s per student, repaid only
-    after 100 (live teacher and FitNets) to 280 (student alone) epochs (README: Speed on a GPU)."""
+    """The torch.compile mode `mode` means on `device`. 'auto' is off: on a CPU compiled steps ran slower, and on a
+    GPU, where train.graph already replays the step in one CUDA graph, compiling repays its start-up cost only over
+    hundreds of epochs (docs/gpu.md)."""
     return "off" if mode == "auto" else mode
 
 
 GRAPHED_COMPILE = ("reduce-overhead", "max-autotune")  # torch.compile modes that make CUDA graphs of their own
 
 
-def graph_obstacle(train_cfg, device):
+def graph_obstacle(train_cfg, device, amp, compile_mode, distributed):
     """Why the recipe's training step cannot be captured whole in a CUDA graph on `device`, or None."""
     if device.type != "cuda":
         return f"CUDA graphs need a CUDA device, not {device.type}"
-    if dist.is_initialized():
+    if distributed:
         return "under torchrun gradients are reduced by DistributedDataParallel outside any graph"
-    if resolve_amp(train_cfg.amp, device) == "fp16":
+    if amp == "fp16":
         return "fp16 loss scaling reads its overflow check on the host every step"
-    if resolve_compile(train_cfg.compile, device) in GRAPHED_COMPILE:
-        return f"compile '{resolve_compile(train_cfg.compile, device)}' captures CUDA graphs of its own"
+    if compile_mode in GRAPHED_COMPILE:
+        return f"compile '{compile_mode}' captures CUDA graphs of its own"
     if train_cfg.schedule == "onecycle":
         return "one-cycle changes the momentum every step, which a captured optimizer step would not see"
     return None
 
 
-def resolve_graph(train_cfg, device, key):
-    """Whether the training step is captured whole in one CUDA graph: 'auto' where nothing stands in the way,
-    'on' or a one-line error naming `key`.graph and what stands in the way, 'off'."""
-    if train_cfg.graph == "off":
-        return False
-    obstacle = graph_obstacle(train_cfg, device)
-    if obstacle and train_cfg.graph == "on":
-        raise ConfigError(f"{key}.graph", f"'on', but {obstacle}; set it to auto or off")
-    return obstacle is None
-
-
-def memory_format(train_cfg):
-    """The layout a recipe trains and is measured in: NHWC with `channels_last`, else the tensor's own."""
-    return torch.channels_last if train_cfg.channels_last else torch.preserve_format
+def fused_optimizer(device):
+    """Fused optimizers (one kernel for every parameter) on CUDA, where PyTorch documents them as its fastest
+    implementation; the default (foreach) on the CPU, where fused measured no faster (docs/gpu.md)."""
+    return device.type == "cuda"
 
 
 def synchronize(device):
@@ -123,46 +111,81 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """How one training recipe (`teacher.train` or `train`) runs in this process, decided once at start-up by
+    `resolve_recipe` and read by the trainer, the teacher cache, the report, bench.py and the log."""
+    key: str  # the config key that names the recipe in errors: 'teacher.train' or 'train'
+    cfg: object  # its TrainConfig
+    device: torch.device
+    amp: str  # what autocast runs: 'off', 'bf16' or 'fp16'
+    memory_format: torch.memory_format  # NHWC with channels_last, else the tensor's own
+    compile: str  # torch.compile mode, or 'off'
+    graph: bool  # the whole step captured in one CUDA graph
+    fused: bool  # fused optimizer
+    decisions: tuple = ()  # (tag, what 'auto' became and why), for the log
+
+    @property
+    def precision(self):
+        return "fp32" if self.amp == "off" else self.amp
+
+
+def resolve_recipe(key, train_cfg, device, distributed=False):
+    """Every runtime decision of one recipe on `device`; the one place each is made. `graph: on` where something
+    stands in the way is a one-line error naming `key`.graph."""
+    amp = resolve_amp(train_cfg.amp, device)
+    compile_mode = resolve_compile(train_cfg.compile, device)
+    obstacle = graph_obstacle(train_cfg, device, amp, compile_mode, distributed)
+    if obstacle and train_cfg.graph == "on":
+        raise ConfigError(f"{key}.graph", f"'on', but {obstacle}; set it to auto or off")
+    graph = train_cfg.graph != "off" and obstacle is None
+    decisions = [("precision", f"{train_cfg.amp} -> {'fp32' if amp == 'off' else amp} "
+                  f"({amp_reason(train_cfg.amp, device)})")]
+    if train_cfg.compile == "auto":
+        decisions.append(("compile", f"auto -> {compile_mode} (on {device.type})"))
+    if train_cfg.graph == "auto":
+        decisions.append(("graph", f"auto -> {'on' if graph else 'off'} "
+                          f"({obstacle or 'the whole step replayed in one call'})"))
+    return Recipe(key, train_cfg, device, amp, torch.channels_last if train_cfg.channels_last else
+                  torch.preserve_format, compile_mode, graph, fused_optimizer(device), tuple(decisions))
+
+
 @dataclass
 class Runtime:
-    """Where this process runs: its device, torchrun rank and world size, the precision each recipe trains in
-    (config key -> 'fp32', 'bf16' or 'fp16'), its compile mode (config key -> mode) and whether its step is a
-    CUDA graph (config key -> bool), with the reasons, to be printed."""
+    """Where this process runs: its device, torchrun rank and world size, and each recipe's Recipe."""
     device: torch.device
     rank: int
     world: int
-    precision: dict
-    compile: dict
-    graph: dict
-    decisions: list
+    teacher: Recipe  # teacher.train
+    student: Recipe  # train: every student's, the teacher cache's, and the layout every model is measured in
 
     @property
     def main(self):
         return self.rank == 0
 
+    def decisions(self):
+        """One line per decision, the recipes that share it named together."""
+        lines = {}
+        for recipe in (self.teacher, self.student):
+            for tag, what in recipe.decisions:
+                lines.setdefault((tag, what), []).append(f"{recipe.key}.{'amp' if tag == 'precision' else tag}")
+        return [f"[{tag}] {' and '.join(keys)}: {what}" for (tag, what), keys in lines.items()]
+
+    def facts(self):
+        """What the report records of the decisions: config key -> precision, compile mode, graph."""
+        recipes = (self.teacher, self.student)
+        return {"precision": {f"{r.key}.amp": r.precision for r in recipes},
+                "compile": {f"{r.key}.compile": r.compile for r in recipes},
+                "graph": {f"{r.key}.graph": r.graph for r in recipes}}
+
 
 def setup(cfg):
-    """The runtime a config asks for: device, process group, precision and compile mode per recipe, determinism."""
+    """The runtime a config asks for: device, process group, each recipe's decisions, determinism."""
     device = resolve_device(cfg.device)
     rank, world = init_distributed(device)
-    precision, compiled, graph, decisions = {}, {}, {}, {}
-    for key, train_cfg in (("teacher.train", cfg.teacher.train), ("train", cfg.train)):
-        amp = resolve_amp(train_cfg.amp, device)
-        precision[f"{key}.amp"] = "fp32" if amp == "off" else amp
-        decisions.setdefault(("precision", f"{train_cfg.amp} -> {precision[f'{key}.amp']} "
-                              f"({amp_reason(train_cfg.amp, device)})"), []).append(f"{key}.amp")
-        compiled[f"{key}.compile"] = resolve_compile(train_cfg.compile, device)
-        if train_cfg.compile == "auto":
-            decisions.setdefault(("compile", f"auto -> {compiled[f'{key}.compile']} (on {device.type})"),
-                                 []).append(f"{key}.compile")
-        graph[f"{key}.graph"] = resolve_graph(train_cfg, device, key)
-        if train_cfg.graph == "auto":
-            why = graph_obstacle(train_cfg, device) or "the whole step replayed in one call"
-            decisions.setdefault(("graph", f"auto -> {'on' if graph[f'{key}.graph'] else 'off'} ({why})"),
-                                 []).append(f"{key}.graph")
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = not cfg.deterministic
-    return Runtime(device, rank, world, precision, compiled, graph,
-                   [f"[{tag}] {' and '.join(keys)}: {d}" for (tag, d), keys in decisions.items()])
+    return Runtime(device, rank, world, resolve_recipe("teacher.train", cfg.teacher.train, device, world > 1),
+                   resolve_recipe("train", cfg.train, device, world > 1))

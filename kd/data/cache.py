@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from kd.config import to_dict
-from kd.device import autocast, memory_format
+from kd.device import autocast
 from kd.errors import ConfigError, KDError
 from kd.log import Progress, info
 from kd.store import file_digest, fingerprint, free_bytes, read_json, write_json
@@ -75,13 +75,13 @@ class TeacherCache:
                               "or use cache: logits")
 
     @classmethod
-    def open_or_build(cls, folder, plan, teacher, taps, loader, num_classes, device, train_cfg):
+    def open_or_build(cls, folder, plan, teacher, taps, loader, num_classes, recipe):
         """Reuse the intact cache in `folder`, build it otherwise. `loader` is the students' training loader,
         unshuffled: the cache records the very pixels they train on."""
         manifest = cls.read_valid_manifest(folder, plan)
         if manifest is None:
-            manifest = cls.build(folder, plan, teacher, taps, loader, num_classes, device, train_cfg)
-        return cls(folder, manifest, device)
+            manifest = cls.build(folder, plan, teacher, taps, loader, num_classes, recipe)
+        return cls(folder, manifest, recipe.device)
 
     @staticmethod
     def read_valid_manifest(folder, plan):
@@ -110,9 +110,9 @@ class TeacherCache:
         return manifest
 
     @classmethod
-    def build(cls, folder, plan, teacher, taps, loader, num_classes, device, train_cfg):
+    def build(cls, folder, plan, teacher, taps, loader, num_classes, recipe):
         """One teacher pass per view over `loader`, in inference mode, in the students' precision and memory
-        format (`train_cfg`), as a live teacher would run inside their training step."""
+        format (`recipe`), as a live teacher would run inside their training step."""
         cls.ensure_room(folder, plan)
         views = next(iter(plan.values()))[0][0]
         info(f"[cache] building {cls.nbytes(plan) / 2**20:.1f} MiB of teacher outputs in {folder} ({views} views)")
@@ -130,8 +130,8 @@ class TeacherCache:
             loader.set_epoch(view)
             for batch in Progress(loader, f"[cache] view {view + 1}/{views}"):
                 rows = batch.index.cpu().numpy()
-                with torch.inference_mode(), autocast(device, train_cfg.amp):
-                    logits = teacher(batch.images.to(memory_format=memory_format(train_cfg))).float()
+                with torch.inference_mode(), autocast(recipe.device, recipe.amp):
+                    logits = teacher(batch.images.to(memory_format=recipe.memory_format)).float()
                 features = taps.take()
                 if "logits" in arrays:
                     arrays["logits"][view, rows] = logits.cpu().numpy()

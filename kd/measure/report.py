@@ -6,9 +6,10 @@ import platform
 import torch
 
 from kd.log import describe_time
+from kd.measure import metrics
+from kd.measure.metrics import MB
 from kd.store import write_text
 
-MB = 2 ** 20
 
 
 def device_name(device):
@@ -22,40 +23,14 @@ def device_name(device):
     return f"{model} ({torch.get_num_threads()} threads)"
 
 
-def add_ratios(rows, batch):
-    """Speed-up, size and compute reduction, and accuracy gap against the teacher; gain over the first
-    teacher-free student stage (the baseline)."""
-    t = rows["teacher"]
-    baseline = next((r for n, r in rows.items() if n != "teacher" and r.get("uses_teacher") is False), None)
+def deploy_ratios(rows, batch):
+    """Each runtime's speed-up and size reduction against the teacher in PyTorch eager, on the CPU."""
+    reference = rows["teacher"].get("deploy", {}).get("pytorch")
     for row in rows.values():
-        row["speedup_b1"] = t["latency_b1_ms"] / row["latency_b1_ms"]
-        row[f"speedup_b{batch}"] = t[f"latency_b{batch}_ms"] / row[f"latency_b{batch}_ms"]
-        row["param_reduction"] = t["params"] / row["params"]
-        row["mac_reduction"] = t["macs"] / row["macs"]
-        row["memory_reduction"] = t["peak_memory_bytes"] / row["peak_memory_bytes"]
-        row["top1_gap_vs_teacher"] = t["test_top1"] - row["test_top1"]
-        if baseline is not None:
-            row["top1_gain_vs_baseline"] = row["test_top1"] - baseline["test_top1"]
-        for runtime in row.get("deploy", {}).values():  # against the teacher in PyTorch eager, on the CPU
-            reference = t["deploy"]["pytorch"]
+        for runtime in row.get("deploy", {}).values():
             runtime["speedup_b1"] = reference["latency_b1_ms"] / runtime["latency_b1_ms"]
             runtime[f"speedup_b{batch}"] = reference[f"latency_b{batch}_ms"] / runtime[f"latency_b{batch}_ms"]
             runtime["size_reduction"] = reference["file_bytes"] / runtime["file_bytes"]
-
-
-def pct(row, key):
-    """A percentage, with its seed-to-seed standard deviation when the stage ran several seeds."""
-    text = f"{100 * row[key]:.2f}"
-    return text + f" ± {100 * row[f'{key}_std']:.2f}" if len(row.get("seeds", ())) > 1 else text
-
-
-def timing(key, digits):
-    """A latency cell: median (p90) in ms."""
-    return lambda n, r: f"{r[f'{key}_ms']:.{digits}f} ({r[f'{key}_p90_ms']:.{digits}f})"
-
-
-def speedups(b):
-    return lambda n, r: f"{r['speedup_b1']:.1f}x / {r[f'speedup_b{b}']:.1f}x"
 
 
 def table(cols, rows):
@@ -66,34 +41,8 @@ def table(cols, rows):
 def markdown(report):
     b = report["meta"]["eval_batch_size"]
     yes = lambda flag: "yes" if flag else "no"
-    cols = [("model", lambda n, r: n),
-            ("val top-1", lambda n, r: pct(r, "val_top1")),
-            ("test top-1", lambda n, r: pct(r, "test_top1")),
-            ("test top-5", lambda n, r: "-" if r["test_top5"] is None else f"{100 * r['test_top5']:.2f}"),
-            ("gap vs teacher (pp)", lambda n, r: f"{100 * r['top1_gap_vs_teacher']:+.2f}"),
-            ("params", lambda n, r: f"{r['params'] / 1e6:.3f}M"),
-            ("checkpoint MB", lambda n, r: f"{r['checkpoint_bytes'] / MB:.2f}"),
-            ("MMACs/img", lambda n, r: f"{r['macs'] / 1e6:.1f}"),
-            ("latency b1 ms (p90)", timing("latency_b1", 2)),
-            (f"latency b{b} ms (p90)", timing(f"latency_b{b}", 1)),
-            (f"img/s b{b}", lambda n, r: f"{r[f'images_per_s_b{b}']:.0f}"),
-            (f"peak MB b{b}", lambda n, r: f"{r['peak_memory_bytes'] / MB:.1f}"),
-            (f"speed-up b1 / b{b}", speedups(b)),
-            ("params / MACs / memory reduction",
-             lambda n, r: f"{r['param_reduction']:.1f}x / {r['mac_reduction']:.1f}x / {r['memory_reduction']:.1f}x")]
-    students = {n: r for n, r in report["models"].items() if n != "teacher"}
-    training = [("student", lambda n, r: n),
-                ("seeds", lambda n, r: ", ".join(map(str, r["seeds"]))),
-                ("val top-1", lambda n, r: pct(r, "val_top1")),
-                ("test top-1", lambda n, r: pct(r, "test_top1")),
-                ("gain vs baseline (pp)", lambda n, r: f"{100 * r['top1_gain_vs_baseline']:+.2f}"
-                 if "top1_gain_vs_baseline" in r else "-"),
-                ("train img/s", lambda n, r: f"{r['train_images_per_s']:.0f}" if r.get("train_images_per_s") else "-"),
-                ("epoch s", lambda n, r: f"{r['epoch_seconds']:.1f}" if r.get("epoch_seconds") else "-"),
-                ("method params (state MB)", lambda n, r: f"{r.get('method_params', 0):,} "
-                 f"({r.get('method_state_bytes', 0) / MB:.2f})")]
-    lines = table(cols, report["models"]) + ["", "Training (students; mean ± sample std over seeds where several):", ""]
-    lines += table(training, students)
+    models, training = metrics.tables(report["models"], b)
+    lines = models + ["", "Training (students; mean ± sample std over seeds where several):", ""] + training
     m = report["meta"]
     if m.get("deploy"):
         lines += ["", f"Deployment on the CPU ({m['deploy']['cpu']}):", ""] + deployment(report["models"], b)
@@ -150,9 +99,9 @@ def deployment(models, b):
             ("test top-1", lambda k, r: f"{100 * r['test_top1']:.2f}"),
             ("agrees with PyTorch", lambda k, r: f"{100 * r['top1_agreement']:.2f}%"),
             ("max logit diff", lambda k, r: f"{r['max_abs_logit_diff']:.1e}"),
-            ("b1, 1 thread ms (p90)", timing("latency_b1", 2)),
-            (f"b{b}, all threads ms (p90)", timing(f"latency_b{b}", 1)),
-            (f"speed-up b1 / b{b}", speedups(b)),
+            ("b1, 1 thread ms (p90)", lambda k, r: metrics.timing(2)(r, "latency_b1_ms")),
+            (f"b{b}, all threads ms (p90)", lambda k, r: metrics.timing(1)(r, f"latency_b{b}_ms")),
+            (f"speed-up b1 / b{b}", lambda k, r: f"{r['speedup_b1']:.1f}x / {r[f'speedup_b{b}']:.1f}x"),
             ("smaller", lambda k, r: f"{r['size_reduction']:.1f}x")]
     return table(cols, rows)
 
@@ -164,7 +113,8 @@ def write_report(run_dir, cfg, data, device, rows, facts):
     seconds}}} (kd/log.py's Clock)."""
     for name, row in rows.items():
         row["uses_teacher"] = None if name == "teacher" else next(s for s in cfg.stages if s.name == name).uses_teacher
-    add_ratios(rows, cfg.eval.batch_size)
+    metrics.derive(rows, cfg.eval.batch_size)
+    deploy_ratios(rows, cfg.eval.batch_size)
     report = {"meta": {"study": cfg.name, "dataset": cfg.data.dataset, "train_images": len(data.train),
                        "teacher_train_images": len(data.first(cfg.teacher.train.subset).train),
                        "student_train_images": len(data.first(cfg.train.subset).train),

@@ -8,14 +8,14 @@ import copy
 
 import torch
 
-from kd.device import autocast, memory_format
+from kd.device import autocast
 from kd.errors import ConfigError, blame
 from kd.data.tensors import Batch
 
 
-def dry_step(distiller, sample, device, train_cfg, key, student_key="student"):
-    """Forward, loss and backward of `distiller` on `sample` (images, labels), on `device`, in `train_cfg`'s
-    precision and memory format, without an update. The learnable state (batch-norm statistics, memory banks) is
+def dry_step(distiller, sample, recipe, key, student_key="student"):
+    """Forward, loss and backward of `distiller` on `sample` (images, labels), on `recipe`'s device, in its
+    precision and memory format, without an update. `key`: the config key of the model's stage, named by errors. The learnable state (batch-norm statistics, memory banks) is
     restored afterwards, so the run that follows is unchanged."""
     parts = distiller.parts(key, student_key)
     learnable = distiller.learnable()
@@ -23,9 +23,9 @@ def dry_step(distiller, sample, device, train_cfg, key, student_key="student"):
     x, y = sample
     try:
         with blame([(m, k) for m, _, k in parts], key, f"a training step on {len(y)} validation images failed"):
-            distiller.to(device).train()
-            batch = Batch(x, y, torch.arange(len(y))).to(device, memory_format(train_cfg))
-            with autocast(device, train_cfg.amp):
+            distiller.to(recipe.device).train()
+            batch = Batch(x, y, torch.arange(len(y))).to(recipe.device, recipe.memory_format)
+            with autocast(recipe.device, recipe.amp):
                 _, terms = distiller(batch)
             for _, term, part_key in parts:
                 value = terms.get(term) if term else None

@@ -1,8 +1,7 @@
 """One training step (forward, every loss term, backward, optimizer step, running sums), run eagerly or captured
-whole in one CUDA graph and replayed. On a GPU a small student's step is bound by the host issuing its kernels:
-on an H100 the CIFAR-10 student's step took 3.9 ms of host time for 0.9 ms of GPU work even with torch.compile's
-CUDA graphs, which leave the optimizer, the autograd engine and the statistics outside (README: Speed on a GPU).
-A replay issues the whole step in one call."""
+whole in one CUDA graph and replayed. On a GPU a small student's step is bound by the host issuing its kernels,
+and torch.compile's CUDA graphs leave the optimizer, the autograd engine and the statistics outside (docs/gpu.md):
+a replay issues the whole step in one call."""
 import contextlib
 
 import torch
@@ -23,14 +22,14 @@ class TrainStep:
     and the learning rate are device tensors filled in place, and anything a method keeps between steps must live
     in tensors."""
 
-    def __init__(self, model, optimizer, scaler, cfg, device, graph, name, key):
-        self.model, self.optimizer, self.scaler, self.cfg, self.device = model, optimizer, scaler, cfg, device
-        self.name, self.key = name, key
+    def __init__(self, model, optimizer, scaler, recipe, name):
+        self.model, self.optimizer, self.scaler, self.recipe, self.name = model, optimizer, scaler, recipe, name
+        self.cfg, self.device = recipe.cfg, recipe.device
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.progress = torch.zeros((), device=device)  # fractional epoch, a tensor so a replay sees each value
+        self.progress = torch.zeros((), device=self.device)  # fractional epoch, a tensor so a replay sees each value
         self.sums, self.terms, self.steps = None, None, 0
         self.captured, self.static = None, None
-        self.stream = torch.cuda.Stream(device) if graph else None  # set while the step is (to be) a graph
+        self.stream = torch.cuda.Stream(self.device) if recipe.graph else None  # set while the step is (to be) a graph
 
     def reset(self):
         if self.sums is not None:
@@ -63,7 +62,7 @@ class TrainStep:
 
     def run(self, batch):
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device, self.cfg.amp, cache=self.stream is None):
+        with autocast(self.device, self.recipe.amp, cache=self.stream is None):
             logits, terms = self.model(batch, self.progress)
         self.scaler.scale(terms["loss"]).backward()
         if self.cfg.grad_clip:
@@ -92,7 +91,7 @@ class TrainStep:
                 self.run(self.static)
         except RuntimeError as e:
             if self.cfg.graph == "on":
-                raise ConfigError(f"{self.key}.graph", f"the training step of {self.name} cannot be captured in "
+                raise ConfigError(f"{self.recipe.key}.graph", f"the training step of {self.name} cannot be captured in "
                                   f"a CUDA graph: {first_line(e)}; set it to off") from None
             info(f"[graph] {self.name}: the step cannot be captured in a CUDA graph ({first_line(e)}); "
                  "training eagerly")

@@ -3,7 +3,9 @@ import contextlib
 import csv
 import math
 import random
+import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from kd.device import barrier, is_main, memory_format, resolve_compile, resolve_graph
+from kd.device import Recipe, barrier, is_main
 from kd.errors import ConfigError, KDError, first_line
 from kd.measure.evaluate import accuracy
 from kd.log import Progress, info
@@ -20,12 +22,6 @@ from kd.train.step import TrainStep
 from kd.store import BEST, LAST, METRICS, atomic, load, save
 
 SYNC_EVERY = 50
-
-
-def fused_optimizer(device):
-    """Fused optimizers (one kernel for every parameter) on CUDA, where PyTorch documents them as its fastest
-    implementation; the default (foreach) on the CPU, where fused measured no faster (README: Speed on a GPU)."""
-    return device.type == "cuda"
 
 
 def make_optimizer(params, cfg, fused=False, capturable=False):
@@ -86,38 +82,47 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-class Trainer:
-    """Trains `distiller.learnable()`; writes `metrics.csv` every epoch, and `last.pt` (everything needed to resume)
-    with `best.pt` (student weights of the best validation epoch, with the model's card: kd/deploy/card.py) at every
-    checkpoint (`cfg.checkpoint_seconds`), all inside `out_dir`."""
+@dataclass(frozen=True)
+class Run:
+    """One model's training: its name in the study (and its folder), what makes it, and its seed."""
+    name: str  # 'teacher', a stage, or a stage's 'seed<N>' folder: names it in the log and the report
+    folder: Path  # holds metrics.csv, last.pt and best.pt
+    fingerprint: str  # what makes the model (kd/store.py): a last.pt made under another is never resumed
+    seed: int  # batch order and the initial state of the methods' randomness
+    card: dict | None = None  # what deploying the model needs (kd/deploy/card.py), saved in best.pt
+    profile: Path | None = None  # a file: the last epoch is profiled into it (kd/train/profiler.py)
 
-    def __init__(self, distiller, cfg, loaders, device, out_dir, seed, fingerprint, name, clock, card=None,
-                 key="train", profile=None):
-        self.distiller, self.cfg, self.device, self.name, self.card, self.key = distiller, cfg, device, name, card, key
-        self.profile = profile  # a file: the last epoch is profiled into it (kd/train/profiler.py; bench.py --profile)
-        self.clock = clock  # the run's (kd/log.py): epochs, validation and checkpoints timed as parts of its phase
+
+class Trainer:
+    """Trains `distiller.learnable()` on `recipe`; writes `metrics.csv` every epoch, and `last.pt` (everything needed
+    to resume) with `best.pt` (student weights of the best validation epoch, with the model's card) at every
+    checkpoint (`cfg.checkpoint_seconds`), all in the run's folder."""
+
+    def __init__(self, distiller, recipe: Recipe, loaders, run: Run, clock):
+        self.distiller, self.recipe, self.run, self.cfg, self.device = distiller, recipe, run, recipe.cfg, \
+            recipe.device
+        self.name = run.name
+        self.clock = clock  # the study's (kd/log.py): epochs, validation and checkpoints timed as parts of its phase
         self.main = is_main()  # the one process that writes files
         self.model = distiller
         if dist.is_initialized():  # gradients of the student and the methods' modules are averaged across processes
-            self.model = DistributedDataParallel(distiller, device_ids=[device.index] if device.type == "cuda" else None)
-        self.compile = resolve_compile(cfg.compile, device)
-        if self.compile != "off":  # forward, loss and backward as compiled graphs; the optimizer step stays eager
-            self.model = torch.compile(self.model, mode=None if self.compile == "default" else self.compile)
+            self.model = DistributedDataParallel(distiller, device_ids=[self.device.index]
+                                                 if self.device.type == "cuda" else None)
+        if recipe.compile != "off":  # forward, loss and backward as compiled graphs; the optimizer step stays eager
+            self.model = torch.compile(self.model, mode=None if recipe.compile == "default" else recipe.compile)
         self.train_loader, self.val_loader = loaders
-        self.out_dir, self.fingerprint = Path(out_dir), fingerprint
+        self.out_dir, self.fingerprint = Path(run.folder), run.fingerprint
         self.generator = self.train_loader.generator  # the loader's RNG state, if any, for exact resume
         self.learnable = distiller.learnable()
-        graph = resolve_graph(cfg, device, key)
-        self.optimizer = make_optimizer([p for p in self.learnable.parameters() if p.requires_grad], cfg,
-                                        fused_optimizer(device), capturable=graph)
-        self.scheduler = make_scheduler(self.optimizer, cfg, len(self.train_loader))
-        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-        self.step = TrainStep(self.model, self.optimizer, self.scaler, cfg, device, graph, name, key)
-        self.memory_format = memory_format(cfg)
+        self.optimizer = make_optimizer([p for p in self.learnable.parameters() if p.requires_grad], self.cfg,
+                                        recipe.fused, capturable=recipe.graph)
+        self.scheduler = make_scheduler(self.optimizer, self.cfg, len(self.train_loader))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=recipe.amp == "fp16")
+        self.step = TrainStep(self.model, self.optimizer, self.scaler, recipe, run.name)
         self.epoch, self.best, self.history = 0, {"val_top1": -1.0, "epoch": 0}, []
         self.best_state = None  # the best epoch's weights until a checkpoint writes them to best.pt
         self.saved_at = time.perf_counter()  # the last checkpoint, or the start
-        seed_everything(seed)
+        seed_everything(run.seed)
 
     @property
     def last_path(self):
@@ -154,8 +159,8 @@ class Trainer:
             with self.clock.part("checkpoints"):
                 self.write_best()
         while self.epoch < self.cfg.epochs:
-            with self.clock.part("epochs"), profiled(self.profile, self.device, len(self.train_loader)) \
-                    if self.profile and self.epoch == self.cfg.epochs - 1 else contextlib.nullcontext():
+            with self.clock.part("epochs"), profiled(self.run.profile, self.device, len(self.train_loader)) \
+                    if self.run.profile and self.epoch == self.cfg.epochs - 1 else contextlib.nullcontext():
                 train = self.train_epoch()
             val = self.validate()
             self.epoch += 1
@@ -168,6 +173,17 @@ class Trainer:
         barrier()  # every process reads best.pt next
         return self.best
 
+    def facts(self):
+        """What the training of this model records in its Result: its best epoch and mean throughput, and the size
+        of the methods' own modules (connectors, heads, memory banks), trained and saved with it, never deployed."""
+        mean = lambda key: statistics.fmean(r[key] for r in self.history) if self.history else None
+        methods = [m for m in (self.distiller.features, self.distiller.logit) if m is not None]
+        return {"best_epoch": self.best["epoch"], "epochs": self.cfg.epochs,
+                "train_images_per_s": mean("train_images_per_s"), "epoch_seconds": mean("epoch_seconds"),
+                "method_params": sum(p.numel() for m in methods for p in m.parameters()),
+                "method_state_bytes": sum(t.numel() * t.element_size()
+                                          for m in methods for t in m.state_dict().values())}
+
     def keep_best(self, val_top1):
         """Note the current epoch as the best so far, and copy its weights (on their device) for best.pt."""
         self.best = {"val_top1": val_top1, "epoch": self.epoch}
@@ -176,7 +192,7 @@ class Trainer:
 
     def write_best(self):
         if self.best_state is not None:
-            save({"model": self.best_state, "fingerprint": self.fingerprint, "card": self.card}, self.out_dir / BEST)
+            save({"model": self.best_state, "fingerprint": self.fingerprint, "card": self.run.card}, self.out_dir / BEST)
             self.best_state = None
 
     def checkpoint(self):
@@ -198,7 +214,7 @@ class Trainer:
         bar = Progress(self.train_loader, f"[{self.name}] epoch {self.epoch + 1}/{self.cfg.epochs}")
         for i, batch in enumerate(bar, 1):
             with self.compiler_errors():
-                self.step(batch.to(self.device, self.memory_format), self.epoch + (i - 1) / len(self.train_loader))
+                self.step(batch.to(self.device, self.recipe.memory_format), self.epoch + (i - 1) / len(self.train_loader))
             self.scheduler.step()
             seen += len(batch.labels)  # known on the host: counted there, as a tensor it would cost a sync
             if i % SYNC_EVERY == 0 or i == len(self.train_loader):
@@ -222,12 +238,13 @@ class Trainer:
         try:
             yield
         except torch._dynamo.exc.TorchDynamoException as e:
-            raise ConfigError(f"{self.key}.compile", f"torch.compile (mode '{self.compile}') failed in "
+            raise ConfigError(f"{self.recipe.key}.compile", f"torch.compile (mode '{self.recipe.compile}') failed in "
                               f"{self.name}: {first_line(e)}; set it to off") from None
 
     def validate(self):
         with self.clock.part("validation"):
-            result = accuracy(self.distiller.student, self.val_loader, self.device, self.cfg.amp, self.memory_format)
+            result = accuracy(self.distiller.student, self.val_loader, self.device, self.recipe.amp,
+                              self.recipe.memory_format)
         self.distiller.student_taps.take()  # drop what validation recorded: a compiled step guards on the taps
         return result
 
