@@ -131,7 +131,7 @@ def train_variant(study, variant, stage, seed, mode, cache=None):
     return {"variant": variant, "compile": mode, "graph": recipe.graph, "seed": seed,
             "epoch_seconds": trained["epoch_seconds"], "images_per_s": trained["train_images_per_s"],
             "last_images_per_s": float(last["train_images_per_s"]), "test_top1": result.test_top1,
-            "profile": f"{profiled}: {profiled.read_text().splitlines()[0]}" if s.profile else None}
+            "profile": f"{name}/profile.txt: {profiled.read_text().splitlines()[0]}" if s.profile else None}
 
 
 def run(cfg, stage, seeds, variants, modes, profile=False):
@@ -140,11 +140,15 @@ def run(cfg, stage, seeds, variants, modes, profile=False):
     if not os.path.exists(cfg.teacher.checkpoint):
         raise ConfigError("teacher.checkpoint", f"{cfg.teacher.checkpoint} does not exist; run the study first")
     shutil.rmtree(cfg.run_dir, ignore_errors=True)  # the benchmark always starts clean
-    study = Study(cfg, profile=profile)
-    if not study.setting.data.tensors:
+    try:
+        study = Study(cfg, profile=profile)
+    except ConfigError as e:
+        if e.key != "cache.mode":
+            raise
+        # bench.py, not the config, asked for the cache: say what in the config stands in its way
         raise ConfigError("data.pipeline", f"bench.py times distillation from the teacher cache, which needs the "
                           f"tensor pipeline: an in-memory dataset (cifar10, fashion_mnist) in one process; "
-                          f"'{cfg.data.dataset}' with pipeline '{cfg.data.pipeline}' runs on a DataLoader")
+                          f"'{cfg.data.dataset}' with pipeline '{cfg.data.pipeline}' runs on a DataLoader") from None
     study.teacher.obtain()
     rows, build = [], None
     for mode in modes:
@@ -214,7 +218,7 @@ def summarize(study, stage, rows, build):
 
 def formats(cfg, compile_too, repeats):
     """Images/s of teacher inference and of a student training step for each precision and memory format."""
-    from kd.setting.setting import Setting
+    from kd.study.setting import Setting
     setting = Setting(cfg)
     device, batch = setting.device, cfg.data.batch_size
     x = torch.randn(batch, *setting.image_shape, device=device)
@@ -267,7 +271,7 @@ def formats(cfg, compile_too, repeats):
 def loader(cfg, epochs=3):
     """Wall ms and operator calls per training batch of the tensor pipeline, per device: the mean of `epochs` epochs
     after a first one (warm-up)."""
-    from kd.setting.setting import Setting
+    from kd.study.setting import Setting
     setting = Setting(cfg)
     if not setting.data.tensors:
         raise ConfigError("data.pipeline", f"--loader times the tensor pipeline, which '{cfg.data.dataset}' with "

@@ -103,11 +103,11 @@ def test_bench_profiles_each_runs_last_epoch(make_study, make_config, tmp_path, 
     out = capsys.readouterr().out
     images = int(re.search(r"epochs, (\d+) training images", out).group(1))
     for run in ("alone_off_s0", "cached_off_s0"):
-        text = (tmp_path / "runs" / "c_bench" / f"profile_{run}.txt").read_text()
+        text = (tmp_path / "runs" / "c_bench" / run / "profile.txt").read_text()
         header = text.splitlines()[0]
         assert header.startswith(f"{math.ceil(images / cfg['data']['batch_size'])} steps in ")  # one epoch's
         assert " ms per step on the wall clock" in header and "aten::convolution" in text, text[:500]
-        assert f"- profile profile_{run}.txt: {header}" in out
+        assert f"- profile {run}/profile.txt: {header}" in out
 
 
 def test_bench_times_the_tensor_pipeline_on_the_device_and_on_meta(make_config, tmp_path, capsys):

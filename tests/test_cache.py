@@ -57,26 +57,25 @@ def make_study(make_config):
         cfg = from_dict(Config, make_config(**changes))
         cfg.validate()
         study = Study(cfg, resume=False)
-        study.obtain_teacher()
-        study.teacher.requires_grad_(False)
+        study.teacher.obtain()
         return study
     return make
 
 
 def live_teacher(study, x):
     with torch.no_grad():
-        logits = study.teacher.eval()(x)
-    return logits, study.teacher_taps.take()["stages.1"]
+        logits = study.teacher.model.eval()(x)
+    return logits, study.teacher.taps.take()["stages.1"]
 
 
 def students_loader(study, views=2):
     """The loader the students of `study` train from, cycling `views` augmentations as the cache does."""
-    return train_loader(study.data, study.cfg.data, study.device, study.cfg.seed, views=views)
+    return train_loader(study.setting.data, study.setting.cfg.data, study.setting.device, study.setting.cfg.seed, views=views)
 
 
 def test_cached_outputs_are_the_teacher_outputs_of_the_replayed_batches(make_study):
     study = make_study()
-    cache = study.teacher_cache()
+    cache = study.students.cache()
     loader = students_loader(study)
     for epoch in range(3):
         loader.set_epoch(epoch)
@@ -91,7 +90,7 @@ def test_cached_outputs_are_the_teacher_outputs_of_the_replayed_batches(make_stu
 def test_other_view_would_not_match(make_study):
     """The check above can fail: outputs recorded for another augmentation differ from the live teacher's."""
     study = make_study()
-    cache = study.teacher_cache()
+    cache = study.students.cache()
     loader = students_loader(study)
     loader.set_epoch(0)
     x, _, idx, _ = next(iter(loader))
@@ -103,7 +102,7 @@ def test_lookups_stay_on_the_training_device(make_study, topk):
     """A cache opened for an accelerator is copied there and gathered there: no index goes back to the host (a
     sync every step on a GPU). `meta` stands in for the accelerator: a tensor on it cannot be copied to the CPU."""
     study = make_study(cache={"mode": "logits+features", "views": 2, "topk": topk})
-    cache = study.teacher_cache()
+    cache = study.students.cache()
     on_meta = TeacherCache(cache.folder, cache.manifest, torch.device("meta"))
     idx = torch.arange(5)
     out = on_meta.lookup(1, idx.to("meta"))
@@ -115,25 +114,25 @@ def test_lookups_stay_on_the_training_device(make_study, topk):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_on_a_gpu_the_cache_is_copied_there_when_it_fits_and_read_from_its_file_when_not(make_study, monkeypatch):
     study = make_study()
-    cache = study.teacher_cache()
+    cache = study.students.cache()
     assert {a.device.type for a in cache.arrays.values()} == {"cuda"}
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 0))
-    mapped = TeacherCache(cache.folder, cache.manifest, study.device)
+    mapped = TeacherCache(cache.folder, cache.manifest, study.setting.device)
     assert {a.device.type for a in mapped.arrays.values()} == {"cpu"}
-    idx = torch.arange(5, device=study.device)
+    idx = torch.arange(5, device=study.setting.device)
     resident, read = cache.lookup(1, idx), mapped.lookup(1, idx)
-    assert read["logits"].device == study.device and torch.equal(resident["logits"], read["logits"])
+    assert read["logits"].device == study.setting.device and torch.equal(resident["logits"], read["logits"])
 
 
 @pytest.mark.parametrize("amp", ["off", "bf16"])
 def test_distillation_loss_from_cache_equals_live_teacher(make_study, amp):
     study = make_study(train={"amp": amp})  # the cache is built in the precision the students train in
-    cache, distiller = study.teacher_cache(), study.new_distiller(study.cfg.stages[0], study.cfg.seed).train()
+    cache, distiller = study.students.cache(), study.students.distiller(study.setting.cfg.stages[0], study.setting.cfg.seed).train()
     loader = students_loader(study)
     loader.set_epoch(1)
     batch = next(iter(loader))
     torch.manual_seed(0)
-    with autocast(study.device, amp):
+    with autocast(study.setting.device, study.setting.runtime.student.amp):
         _, live = distiller(batch)
         distiller.cache = cache
         _, cached = distiller(batch)
@@ -146,15 +145,15 @@ def test_a_feature_stage_takes_cached_logits_and_runs_its_teacher_only_as_far_as
     """cache.mode logits, a FitNets stage: the logits come from the cache and the teacher's layers the cache lacks
     from the teacher cut after them (its pooling and classifier never run), with the live teacher's loss terms."""
     study = make_study(cache={"mode": "logits", "views": 2})
-    stage = study.cfg.stages[0]
-    assert study.replays(stage)
-    cache = study.teacher_cache()
+    stage = study.setting.cfg.stages[0]
+    assert study.students.replays(stage)
+    cache = study.students.cache()
     assert cache.layers == set()
-    live, replayed = (study.new_distiller(stage, study.cfg.seed, c).train() for c in (None, cache))
-    assert replayed.teacher_prefix is not None and replayed.teacher_prefix is not study.teacher
+    live, replayed = (study.students.distiller(stage, study.setting.cfg.seed, c).train() for c in (None, cache))
+    assert replayed.teacher_prefix is not None and replayed.teacher_prefix is not study.teacher.model
     calls = []
     for name in ("pool", "fc"):
-        getattr(study.teacher, name).register_forward_hook(lambda *_, name=name: calls.append(name))
+        getattr(study.teacher.model, name).register_forward_hook(lambda *_, name=name: calls.append(name))
     loader = students_loader(study)
     loader.set_epoch(1)
     batch = next(iter(loader))
@@ -170,11 +169,11 @@ def test_a_feature_stage_takes_cached_logits_and_runs_its_teacher_only_as_far_as
 def test_a_teacher_that_torch_fx_cannot_trace_runs_whole_for_the_layers_the_cache_lacks(make_study, monkeypatch,
                                                                                        capsys):
     study = make_study(cache={"mode": "logits", "views": 2})
-    forward = type(study.teacher).forward
-    monkeypatch.setattr(type(study.teacher), "forward",  # a branch on the input's values
+    forward = type(study.teacher.model).forward
+    monkeypatch.setattr(type(study.teacher.model), "forward",  # a branch on the input's values
                         lambda self, x: forward(self, x) if x.sum() != 0 else forward(self, x))
-    distiller = study.new_distiller(study.cfg.stages[0], study.cfg.seed, study.teacher_cache()).train()
-    assert distiller.teacher_prefix is study.teacher
+    distiller = study.students.distiller(study.setting.cfg.stages[0], study.setting.cfg.seed, study.students.cache()).train()
+    assert distiller.teacher_prefix is study.teacher.model
     assert "torch.fx cannot trace the teacher" in capsys.readouterr().out
     loader = students_loader(study)
     loader.set_epoch(0)
@@ -183,7 +182,7 @@ def test_a_teacher_that_torch_fx_cannot_trace_runs_whole_for_the_layers_the_cach
 
 
 def cache_folder(study):
-    return study.teacher_cache().folder
+    return study.students.cache().folder
 
 
 def test_unchanged_settings_reuse_the_cache(make_study, capsys):
@@ -211,10 +210,10 @@ def test_changes_that_alter_teacher_outputs_rebuild(make_study, changes, capsys)
 
 def test_students_of_a_subset_replay_a_cache_of_their_images_only(make_study):
     study = make_study(train={"subset": 40})
-    assert study.cache_plan()[2]["logits"][0] == (2, 40, 10)
-    assert study.cache_plan()[1] != make_study().cache_plan()[1]  # another subset, another cache
-    cache = study.teacher_cache()
-    loader = train_loader(study.student_data, study.cfg.data, study.device, study.cfg.seed, views=2)
+    assert study.students.cache_plan()[2]["logits"][0] == (2, 40, 10)
+    assert study.students.cache_plan()[1] != make_study().students.cache_plan()[1]  # another subset, another cache
+    cache = study.students.cache()
+    loader = train_loader(study.setting.student_data, study.setting.cfg.data, study.setting.device, study.setting.cfg.seed, views=2)
     batch = next(iter(loader))
     assert loader.dataset_size == 40 and int(batch.index.max()) < 40
     logits, _ = live_teacher(study, batch.images)
@@ -248,7 +247,7 @@ def test_truncated_or_incomplete_cache_is_detected_and_rebuilt(make_study, capsy
     assert "truncated" in out and "[cache] building" in out
     assert logits.stat().st_size == size
     (folder / "manifest.json").unlink()
-    make_study().teacher_cache()
+    make_study().students.cache()
     assert "incomplete" in capsys.readouterr().out and (folder / "manifest.json").exists()
 
 
@@ -256,16 +255,16 @@ def test_cache_that_would_not_fit_is_refused(make_study, monkeypatch):
     usage = shutil.disk_usage("/")
     monkeypatch.setattr(kd.store.shutil, "disk_usage", lambda path: usage._replace(free=1000))
     study = make_study()
-    need = TeacherCache.nbytes(study.cache_plan()[2])
+    need = TeacherCache.nbytes(study.students.cache_plan()[2])
     assert 2 ** 10 < need < 2 ** 20  # the sizes say so in KiB and bytes, not as '0.00 GiB'
     with pytest.raises(KDError, match=rf"cache.dir: the teacher cache needs {need / 2 ** 10:.2f} KiB but .* has "
                                       r"1000 bytes free"):
-        study.teacher_cache()
+        study.students.cache()
 
 
 def test_top_k_cache_keeps_the_largest_logits(make_study):
     study = make_study(cache={"mode": "logits", "topk": 3})
-    cache = study.teacher_cache()
+    cache = study.students.cache()
     loader = students_loader(study)
     loader.set_epoch(0)
     x, _, idx, _ = next(iter(loader))

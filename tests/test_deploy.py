@@ -16,7 +16,8 @@ pytest.importorskip("onnxruntime", reason="deployment needs onnx and onnxruntime
 import kd.store  # noqa: E402
 import run  # noqa: E402
 from conftest import ROOT, one_error_line  # noqa: E402
-from kd import card as cards, export, plots  # noqa: E402
+from kd.deploy import card as cards, export  # noqa: E402
+from kd.measure import plots  # noqa: E402
 from kd.config import Config, DataConfig, from_dict  # noqa: E402
 from kd.data.datasets import build_data, plain_train_images  # noqa: E402
 from kd.errors import ConfigError  # noqa: E402
@@ -182,7 +183,7 @@ def test_a_teacher_whose_card_expects_other_classes_is_refused(make_study, make_
     cfg = from_dict(Config, make_config(teacher={"accept_checkpoint": False}))
     cfg.validate()
     with pytest.raises(ConfigError, match=r"expects other input \(classes: "):
-        Study(cfg).check_files()
+        Study(cfg).check()
 
 
 def one_line_exit_2(capsys, argv):
@@ -255,11 +256,12 @@ def test_predict_names_the_classes_of_real_cifar10_photos(tmp_path, capsys):
 
 
 def test_deploy_without_onnxruntime_stops_before_training_with_one_line(smoke_config, capsys, monkeypatch, tmp_path):
-    import kd
+    import kd.deploy
+    import kd.store
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as on a machine whose Python lacks it
-    for name in ("deploy", "export"):
-        monkeypatch.delitem(sys.modules, f"kd.{name}", raising=False)
-        monkeypatch.delattr(kd, name, raising=False)
+    for name in ("runtimes", "export"):
+        monkeypatch.delitem(sys.modules, f"kd.deploy.{name}", raising=False)
+        monkeypatch.delattr(kd.deploy, name, raising=False)
     err = one_error_line(capsys, smoke_config(deploy={"onnx": True}))
     assert "deploy.onnx" in err and "set deploy.onnx: false" in err, err
     assert not (tmp_path / "teacher.pt").exists()

@@ -160,12 +160,15 @@ def test_a_broken_plugin_stops_the_run_before_the_teacher_trains(smoke_config, b
 def test_the_check_covers_every_seed_and_leaves_no_trace_in_the_run(smoke_config, monkeypatch):
     """Each (stage, seed) distiller is tried once before training; the trained weights equal those of a run
     without the check (the dry step restores what it touched)."""
-    import kd.study.study
+    import kd.study.students
+    import kd.study.teacher
     stages = [{"name": "crd", "features": [{"name": "crd", "student": "pool", "teacher": "avgpool", "nce_k": 16}]}]
     cfg = smoke_config(seeds=[0, 1], stages=stages)
     tried = []
-    dry_step = kd.study.study.dry_step
-    monkeypatch.setattr(kd.study.study, "dry_step", lambda d, *a, **k: tried.append(k.get("student_key")) or dry_step(d, *a, **k))
+    dry_step = kd.study.teacher.dry_step
+    record = lambda d, *a, **k: tried.append(k.get("student_key")) or dry_step(d, *a, **k)
+    monkeypatch.setattr(kd.study.teacher, "dry_step", record)
+    monkeypatch.setattr(kd.study.students, "dry_step", record)
     assert run.main(["--config", str(cfg), "--device", "cpu"]) == 0
     assert tried == ["teacher", None, None]
     checked = torch.load(cfg.parent / "runs" / "smoke" / "crd" / "seed1" / "last.pt", weights_only=True)["learnable"]

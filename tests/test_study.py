@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-import kd.study.study
+import kd.study.setting
 import kd.train.trainer
 import run
 from kd.data.datasets import DEBIAN_FASHION_MNIST
@@ -94,8 +94,8 @@ def test_repeated_seeds_train_each_stage_per_seed_and_report_mean_and_std(smoke_
 
 
 def test_students_on_a_subset_train_on_it_and_the_report_says_who_learnt_from_how_many(smoke_config, monkeypatch):
-    trained_on, loader = [], kd.study.study.train_loader
-    monkeypatch.setattr(kd.study.study, "train_loader", lambda data, *a, **k: trained_on.append(len(data.train))
+    trained_on, loader = [], kd.study.setting.train_loader
+    monkeypatch.setattr(kd.study.setting, "train_loader", lambda data, *a, **k: trained_on.append(len(data.train))
                         or loader(data, *a, **k))
     cfg = smoke_config(train={"epochs": 1, "subset": 40, "warmup_epochs": 0}, stages=[{"name": "baseline"}])
     assert run.main(["--config", str(cfg), "--device", "cpu"]) == 0
