@@ -45,13 +45,13 @@ from pathlib import Path
 import torch
 
 from kd.config import COMPILE_MODES, load_config
+from kd.data.tensors import TensorLoader
 from kd.device import autocast, resolve_recipe, synchronize
-from kd.train.distiller import Distiller
 from kd.errors import ConfigError, KDError
 from kd.measure.evaluate import timed
 from kd.measure.report import device_name
 from kd.store import BEST, METRICS
-from kd.data.tensors import TensorLoader
+from kd.train.distiller import Distiller
 from kd.train.trainer import Run, make_optimizer
 
 VARIANTS = ("alone", "alone_loader", "live", "cached", "teacher")
@@ -74,7 +74,8 @@ def parse_args(argv):
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(STUDENT_VARIANTS),
                    help="what to train (default: every student variant)")
-    p.add_argument("--modes", nargs="+", choices=COMPILE_MODES, help="train.compile modes to time (default: the config's)")
+    p.add_argument("--modes", nargs="+", choices=COMPILE_MODES,
+                   help="train.compile modes to time (default: the config's)")
     p.add_argument("--profile", action="store_true",
                    help="profile each run's last epoch into its folder's profile.txt (host and GPU time per operator)")
     p.add_argument("--formats", action="store_true", help="time fp32/bf16, channels_last (and --compile) instead")

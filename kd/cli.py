@@ -23,7 +23,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="study YAML file (see configs/ and docs/config.md)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, value parsed as YAML; repeatable (e.g. train.epochs=5, stages.1.logit.temperature=2)")
+                   help="override a config key, value parsed as YAML; repeatable "
+                   "(e.g. train.epochs=5, stages.1.logit.temperature=2)")
     p.add_argument("--resume", action="store_true", help="continue unfinished stages from their last epoch checkpoint")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides the config's device")
     p.add_argument("--profile", action="store_true", help="profile each model's last training epoch (host and GPU "

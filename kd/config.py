@@ -88,7 +88,8 @@ class DataConfig:
     # used is part of identity (Study.data_identity), not this request.
     pipeline: str = _setting("auto")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    mean: list[float] | None = None  # per-channel normalisation; None: the dataset's own (folders: its training images')
+    # per-channel normalisation; None: the dataset's own (folders: its training images')
+    mean: list[float] | None = None
     std: list[float] | None = None
 
     def validate(self, key):

@@ -87,7 +87,8 @@ def check_kwargs(kwargs, key, params, hints, siblings=()):
 
 
 def coerce(value, hint, key):
-    """Check a YAML value against a type hint (int, float, bool, str, list[...], dict, Optional); ints pass as floats."""
+    """Check a YAML value against a type hint (int, float, bool, str, list[...], dict, Optional); ints pass as
+    floats."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:

@@ -263,8 +263,8 @@ class RunFolder:
         remedy = f"delete {self.model(name)} to train that model again"
         ckpt = load(self.best(name), remedy) if self.best(name).exists() else None
         if ckpt is None or ckpt.get("fingerprint") != key:
-            raise KDError(f"{self.best(name)} is {'missing' if ckpt is None else 'not the one its result.json describes'}"
-                          f"; {remedy}")
+            what = "missing" if ckpt is None else "not the one its result.json describes"
+            raise KDError(f"{self.best(name)} is {what}; {remedy}")
         return ckpt
 
     def store(self, name, result):

@@ -12,9 +12,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import transforms as T
 
 from kd.data import folders
+from kd.data.tensors import Batch, TensorLoader, from_subset, normalize
 from kd.errors import ConfigError
 from kd.registry import Registry
-from kd.data.tensors import Batch, TensorLoader, from_subset, normalize
 
 DATASETS = Registry("dataset", context=("cfg",))
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist

@@ -191,7 +191,8 @@ def load_decoded(root):
     for old in Path(root).glob("decoded-*.npz"):
         if old != path:
             old.unlink()
-    info(f"[data] decoded {sum(len(arrays[f'{s}_labels']) for s in SPLITS)} images into {path} ({need / 2**20:.0f} MiB)")
+    decoded = sum(len(arrays[f"{s}_labels"]) for s in SPLITS)
+    info(f"[data] decoded {decoded} images into {path} ({need / 2**20:.0f} MiB)")
     return arrays
 
 

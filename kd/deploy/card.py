@@ -5,8 +5,8 @@ from PIL import Image, UnidentifiedImageError
 
 from kd.data.datasets import eval_transform
 from kd.errors import KDError
-from kd.train.models import create_model
 from kd.store import differences, load
+from kd.train.models import create_model
 
 
 def make(model_cfg, data, made_by):

@@ -11,8 +11,8 @@ import torch
 
 from kd.deploy import export
 from kd.errors import ConfigError, KDError
-from kd.measure.evaluate import latency
 from kd.log import info
+from kd.measure.evaluate import latency
 from kd.measure.report import device_name
 
 PYTORCH, ONNX, INT8 = "pytorch", "onnxruntime", "onnxruntime-int8"

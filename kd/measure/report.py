@@ -11,7 +11,6 @@ from kd.measure.metrics import MB
 from kd.store import write_text
 
 
-
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -82,7 +81,8 @@ def markdown(report):
                      "validation, checkpoints, test evaluation and other work (building models, loading weights): "
                      + describe_time(m["seconds"], m.get("seconds_within", {})) + ".")
     if m["teacher_note"]:
-        notes.append(f"**The teacher checkpoint was used although it {m['teacher_note']}** (teacher.accept_checkpoint).")
+        notes.append(f"**The teacher checkpoint was used although it {m['teacher_note']}** "
+                     "(teacher.accept_checkpoint).")
     return "\n".join(lines + [""] + notes) + "\n"
 
 

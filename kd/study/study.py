@@ -6,7 +6,7 @@ import yaml
 
 from kd.config import to_dict
 from kd.log import describe_time, info
-from kd.store import write_text, writable_folder
+from kd.store import writable_folder, write_text
 from kd.study import results
 from kd.study.setting import Setting
 from kd.study.students import Students

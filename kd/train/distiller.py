@@ -114,7 +114,8 @@ class Distiller(nn.Module):
             weight = getattr(logit, "ce_weight", None)
             if not isinstance(logit, nn.Module) or not isinstance(weight, (int, float)) or isinstance(weight, bool):
                 raise ConfigError(f"{key}.logit", f"logit method '{stage.logit.name}' must be an nn.Module with a "
-                                  f"numeric ce_weight attribute (see kd/train/losses/base.py), got ce_weight={weight!r}")
+                                  "numeric ce_weight attribute (see kd/train/losses/base.py), got "
+                                  f"ce_weight={weight!r}")
         student_taps = Taps(student, feature_layers([stage], "student", key))
         teacher_taps = teacher_taps or Taps(teacher, feature_layers([stage], "teacher", key), detach=True)
         features = []
@@ -125,7 +126,8 @@ class Distiller(nn.Module):
                     raise ConfigError(f"{key}.features[{j}]", f"'{f.name}' matches {want or 'the same number of'} "
                                       f"student and teacher layer(s); got {len(f.student)} and {len(f.teacher)}")
             was_training = student.training
-            with torch.no_grad(), blame([(student, "student"), (teacher, "teacher")], key, "the dry forward pass failed"):
+            models = [(student, "student"), (teacher, "teacher")]
+            with torch.no_grad(), blame(models, key, "the dry forward pass failed"):
                 logits = student.eval()(sample.to(device_of(student)))
                 teacher.eval()(sample.to(device_of(teacher)))
             s_out, t_out = student_taps.take(), teacher_taps.take()

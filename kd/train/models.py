@@ -70,7 +70,8 @@ def create_model(name, key, kwargs, in_channels, num_classes, image_size):
                             num_classes=num_classes, image_size=image_size)
     if name in _torchvision_classifiers():
         if in_channels != 3:
-            raise ConfigError(f"{key}.name", f"torchvision model '{name}' needs 3-channel images; this data has {in_channels}")
+            raise ConfigError(f"{key}.name", f"torchvision model '{name}' needs 3-channel images; this data has "
+                              f"{in_channels}")
         return torchvision_model(name, f"{key}.kwargs", dict(kwargs), num_classes)
     raise ConfigError(f"{key}.name", f"unknown model '{name}' ({did_you_mean(name, MODELS.names())}, "
                                      "or any torchvision classifier name)")

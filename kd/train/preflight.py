@@ -8,15 +8,16 @@ import copy
 
 import torch
 
+from kd.data.tensors import Batch
 from kd.device import autocast
 from kd.errors import ConfigError, blame
-from kd.data.tensors import Batch
 
 
 def dry_step(distiller, sample, recipe, key, student_key="student"):
     """Forward, loss and backward of `distiller` on `sample` (images, labels), on `recipe`'s device, in its
-    precision and memory format, without an update. `key`: the config key of the model's stage, named by errors. The learnable state (batch-norm statistics, memory banks) is
-    restored afterwards, so the run that follows is unchanged."""
+    precision and memory format, without an update. `key`: the config key of the model's stage, named by errors.
+    The learnable state (batch-norm statistics, memory banks) is restored afterwards, so the run that follows is
+    unchanged."""
     parts = distiller.parts(key, student_key)
     learnable = distiller.learnable()
     saved = copy.deepcopy(learnable.state_dict())
@@ -31,7 +32,8 @@ def dry_step(distiller, sample, recipe, key, student_key="student"):
                 value = terms.get(term) if term else None
                 if term and not (isinstance(value, torch.Tensor) and value.ndim == 0):
                     got = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
-                    raise ConfigError(part_key, f"the loss must be one scalar tensor (see kd/train/losses/base.py), got {got}")
+                    raise ConfigError(part_key, "the loss must be one scalar tensor (see kd/train/losses/base.py), "
+                                      f"got {got}")
             terms["loss"].backward()
     finally:
         learnable.load_state_dict(saved)

@@ -6,10 +6,10 @@ import contextlib
 
 import torch
 
+from kd.data.tensors import Batch
 from kd.device import autocast
 from kd.errors import ConfigError, first_line
 from kd.log import info
-from kd.data.tensors import Batch
 
 WARMUP = 3  # eager steps before capture: cuDNN's autotuning, lazy initialisation and the optimizer's state
 

@@ -15,11 +15,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kd.device import Recipe, barrier, is_main
 from kd.errors import ConfigError, KDError, first_line
-from kd.measure.evaluate import accuracy
 from kd.log import Progress, info
+from kd.measure.evaluate import accuracy
+from kd.store import BEST, LAST, METRICS, atomic, load, save
 from kd.train.profiler import profiled
 from kd.train.step import TrainStep
-from kd.store import BEST, LAST, METRICS, atomic, load, save
 
 SYNC_EVERY = 50
 
@@ -37,8 +37,9 @@ def make_scheduler(optimizer, cfg, steps_per_epoch):
     """Stepped every batch; linear warm-up then the named shape (one-cycle brings its own warm-up)."""
     total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
     if cfg.schedule == "onecycle":
+        pct_start = cfg.warmup_epochs / cfg.epochs if cfg.warmup_epochs else 0.3
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=max(total, 1),
-                                                   pct_start=cfg.warmup_epochs / cfg.epochs if cfg.warmup_epochs else 0.3)
+                                                   pct_start=pct_start)
 
     def factor(step):
         if step < warmup:
@@ -192,7 +193,8 @@ class Trainer:
 
     def write_best(self):
         if self.best_state is not None:
-            save({"model": self.best_state, "fingerprint": self.fingerprint, "card": self.run.card}, self.out_dir / BEST)
+            save({"model": self.best_state, "fingerprint": self.fingerprint, "card": self.run.card},
+                 self.out_dir / BEST)
             self.best_state = None
 
     def checkpoint(self):
@@ -214,7 +216,8 @@ class Trainer:
         bar = Progress(self.train_loader, f"[{self.name}] epoch {self.epoch + 1}/{self.cfg.epochs}")
         for i, batch in enumerate(bar, 1):
             with self.compiler_errors():
-                self.step(batch.to(self.device, self.recipe.memory_format), self.epoch + (i - 1) / len(self.train_loader))
+                progress = self.epoch + (i - 1) / len(self.train_loader)
+                self.step(batch.to(self.device, self.recipe.memory_format), progress)
             self.scheduler.step()
             seen += len(batch.labels)  # known on the host: counted there, as a tensor it would cost a sync
             if i % SYNC_EVERY == 0 or i == len(self.train_loader):
