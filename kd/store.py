@@ -244,25 +244,25 @@ class RunFolder:
         except TypeError as e:
             raise damaged(path, str(e), remedy) from None
 
-    def reuse(self, name, key, identity):
-        """The stored result of a finished model, if it was made under `key` and its best.pt is intact and its own;
-        one finished under another config is never overwritten (the error says what changed)."""
+    def reuse(self, name, fingerprint, identity):
+        """The stored result of a finished model, if it was made under `fingerprint` and its best.pt is intact and its
+        own; one finished under another config is never overwritten (the error says what changed)."""
         result = self.result(name)
         if result is None:
             return None
-        if result.fingerprint != key:
+        if result.fingerprint != fingerprint:
             changed = "; ".join(differences(result.identity, identity)) if result.identity \
                 else "data, model, recipe, method or teacher changed"
             raise KDError(f"{self.model(name)}: finished under a different config ({changed}); rename the stage or "
                           "the study, or delete that folder to retrain it")
-        self.load_best(name, key)
+        self.load_best(name, fingerprint)
         return result
 
-    def load_best(self, name, key):
+    def load_best(self, name, fingerprint):
         """The model's best.pt, checked: intact, and written by the training its result describes."""
         remedy = f"delete {self.model(name)} to train that model again"
         ckpt = load(self.best(name), remedy) if self.best(name).exists() else None
-        if ckpt is None or ckpt.get("fingerprint") != key:
+        if ckpt is None or ckpt.get("fingerprint") != fingerprint:
             what = "missing" if ckpt is None else "not the one its result.json describes"
             raise KDError(f"{self.best(name)} is {what}; {remedy}")
         return ckpt

@@ -1,7 +1,6 @@
 """Measuring and reporting: every model's inference cost on the same inputs and settings, one after another in one
 process, its deployment when asked for, then report.json, report.md and the pictures."""
 import os
-from pathlib import Path
 
 from kd.data.datasets import eval_loaders, plain_train_images
 from kd.errors import ConfigError
@@ -43,15 +42,7 @@ def measure(setting, teacher, students, rows):
     test = eval_loaders(s.data, s.cfg.data, deploy.CPU)[1] if d.onnx else None  # one loader for all
     layout = s.runtime.student.memory_format
     for name, summary in rows.items():
-        if name == "teacher":
-            model, path, folder = s.new_model(s.cfg.teacher, name), teacher.path, "teacher"
-            model.load_state_dict(teacher.model.state_dict())
-            card = teacher.card(summary["fingerprint"])
-        else:
-            model, path = s.new_model(s.cfg.student, name), s.folder.root / summary["checkpoint"]
-            folder = Path(summary["checkpoint"]).parent.as_posix()
-            model.load_state_dict(s.folder.load_best(folder, summary["fingerprint"])["model"])
-            card = students.card(folder, summary["fingerprint"])
+        model, path, folder, card = (teacher if name == "teacher" else students).deployable(summary)
         info(f"[{name}] measuring inference cost on {s.device}")
         summary.update(profile(model, s.image_shape, s.device, s.cfg.eval, layout),
                        checkpoint_bytes=os.path.getsize(path), **measured(model, s.image_shape, s.device))

@@ -1,5 +1,6 @@
 """The students: every stage for every seed, each a Job trained now, resumed, or reused from an earlier run,
 all distilling from one teacher and sharing one teacher cache."""
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -64,8 +65,8 @@ class Students:
             "seed": self.cfg.seed, "student_seed": seed,
             "teacher": self.teacher.digest if stage.uses_teacher else None,
             "cache": to_dict(self.cfg.cache, "results") if self.replays(stage) else None})
-        key, name = fingerprint(identity), stage.name if self.cfg.seeds is None else f"{stage.name}/seed{seed}"
-        return Job(stage, seed, name, identity, key, self.setting.folder.reuse(name, key, identity))
+        made, name = fingerprint(identity), stage.name if self.cfg.seeds is None else f"{stage.name}/seed{seed}"
+        return Job(stage, seed, name, identity, made, self.setting.folder.reuse(name, made, identity))
 
     def run(self):
         """{stage name: [its seeds' Results]}, each job trained or reused in turn."""
@@ -95,8 +96,16 @@ class Students:
         trained = s.train(distiller, s.runtime.student, run, views=self.cfg.cache.views if replay else None)
         return s.evaluate(job.name, distiller.student, job.fingerprint, f"{job.name}/{BEST}", trained, job.identity)
 
-    def card(self, name, key):
-        return self.setting.card(self.cfg.student, name, key)
+    def deployable(self, row):
+        """A stage's fresh, hook-free student with its first seed's best.pt (checked again now), that file, its folder
+        in the run and its card."""
+        s, folder = self.setting, Path(row["checkpoint"]).parent.as_posix()
+        model = s.new_model(self.cfg.student, folder)
+        model.load_state_dict(s.folder.load_best(folder, row["fingerprint"])["model"])
+        return model, s.folder.root / row["checkpoint"], folder, self.card(folder, row["fingerprint"])
+
+    def card(self, name, fingerprint):
+        return self.setting.card(self.cfg.student, name, fingerprint)
 
     def cache_plan(self):
         """The teacher cache's folder and plan: it holds the teacher layers of every stage's feature pairs, so all

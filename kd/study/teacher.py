@@ -60,10 +60,10 @@ class Teacher:
             self.train()
         elif self.digest is None:
             self.load()
-        key = fingerprint(s.data_identity(), self.digest)
+        measured = fingerprint(s.data_identity(), self.digest)  # these weights on this data
         done = s.folder.result("teacher")
-        result = done if done and done.fingerprint == key else \
-            s.evaluate("teacher", self.model, key, str(self.path), self.training)
+        result = done if done and done.fingerprint == measured else \
+            s.evaluate("teacher", self.model, measured, str(self.path), self.training)
         self.model.requires_grad_(False)
         return result
 
@@ -77,8 +77,8 @@ class Teacher:
                                   f"untrained ({', '.join(fresh)}): the students would learn from an untrained "
                                   "classifier; set teacher.train.epochs to fine-tune them")
         identity = self.identity()
-        key = fingerprint(identity)
-        run = Run("teacher", s.folder.model("teacher"), key, s.cfg.seed, self.card(key))
+        made = fingerprint(identity)
+        run = Run("teacher", s.folder.model("teacher"), made, s.cfg.seed, self.card(made))
         self.training = s.train(self.distiller(), s.runtime.teacher, run)
         weights = self.model.state_dict()
         if s.main:
@@ -126,5 +126,11 @@ class Teacher:
         info(f"[teacher] using {self.path} although it {what}, as teacher.accept_checkpoint says")
         return what
 
-    def card(self, key):
-        return self.setting.card(self.cfg, "teacher", key)
+    def deployable(self, row):
+        """A fresh, hook-free teacher with its weights, its checkpoint, its folder in the run and its card."""
+        model = self.setting.new_model(self.cfg, "teacher")
+        model.load_state_dict(self.model.state_dict())
+        return model, self.path, "teacher", self.card(row["fingerprint"])
+
+    def card(self, fingerprint):
+        return self.setting.card(self.cfg, "teacher", fingerprint)
