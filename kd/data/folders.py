@@ -133,9 +133,8 @@ def _decode_all(files, mode):
 
 def decode(source):
     """Every image of the source as uint8 arrays per split, in a fixed order; labels by sorted class name. The
-    files are read in this process (an archive as a stream) and decoded by one process per CPU: on the 2-core
-    EPYC, CIFAR-10's 60,000 JPEGs took 20.5 s in one loop (a thread pool was no faster), 16.8-18.7 s with the
-    archive read as a stream, and 14.8-15.3 s decoded by 2 processes (reading the archive takes 4-6 s of it)."""
+    files are read in this process (an archive as a stream) and decoded by one process per CPU, the fastest of
+    the ways measured (docs/cifar10.md)."""
     files = [(split, cls, name, read()) for split, cls, name, _, _, read in
              Progress(_entries(source), f"[data] reading {source}")]
     first = _decode_chunk([f[2:] for f in files[:1]], None)  # the first image's mode is every image's

@@ -58,9 +58,8 @@ def quantize(fp32_path, int8_path, images):
     fuses into integer kernels). The card is carried over.
 
     Weights use 7 of their 8 bits (reduce_range): x86 CPUs without VNNI (AVX2 only) multiply int8 pairs into
-    saturating int16 sums, and full-range weights overflow them. On such a CPU (AMD EPYC, Zen 3) the CIFAR-10
-    student's int8 copy agreed with PyTorch on 72% of test images with 8 bits and 99% with 7, at the same speed;
-    the file must run correctly on whatever CPU it is deployed to."""
+    saturating int16 sums, and full-range weights overflow them (docs/deployment.md measures what 8 bits cost
+    there); the file must run correctly on whatever CPU it is deployed to."""
     card = read_card(fp32_path)
     with tempfile.TemporaryDirectory() as tmp, _quiet():
         folded, quantized = Path(tmp) / "folded.onnx", Path(tmp) / "int8.onnx"
