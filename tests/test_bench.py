@@ -10,9 +10,8 @@ import yaml
 
 import bench
 
-from test_cache import make_config, make_study  # noqa: F401 (fixtures)
 
-
+@pytest.mark.slow
 def test_bench_trains_all_variants_and_reports_ratios(make_study, make_config, tmp_path, capsys):
     make_study()  # trains and saves the teacher the benchmark needs
     path = tmp_path / "bench.yaml"
@@ -29,6 +28,7 @@ def test_bench_trains_all_variants_and_reports_ratios(make_study, make_config, t
     assert "| cached |" in out and "+-" in out and "cache build" in out
 
 
+@pytest.mark.slow
 def test_bench_times_the_chosen_variants_in_each_compile_mode(make_study, make_config, tmp_path, capsys):
     make_study()
     path = tmp_path / "bench.yaml"
@@ -43,6 +43,7 @@ def test_bench_times_the_chosen_variants_in_each_compile_mode(make_study, make_c
     assert "| cached | default |" in out and "- compile default: cached / alone (c/a)" in out
 
 
+@pytest.mark.slow
 def test_bench_trains_a_fresh_teacher_on_its_recipe_when_asked(make_study, make_config, tmp_path, capsys):
     make_study()
     path = tmp_path / "bench.yaml"
@@ -55,12 +56,14 @@ def test_bench_trains_a_fresh_teacher_on_its_recipe_when_asked(make_study, make_
     folder = tmp_path / "runs" / "c_bench"
     teacher = torch.load(folder / "teacher_off_s0" / "best.pt", weights_only=True)["model"]
     student = torch.load(folder / "alone_off_s0" / "best.pt", weights_only=True)["model"]
-    assert sum(t.numel() for t in teacher.values()) > 2 * sum(t.numel() for t in student.values())  # the teacher's model
+    # the teacher's model, not the student's
+    assert sum(t.numel() for t in teacher.values()) > 2 * sum(t.numel() for t in student.values())
     with open(folder / "teacher_off_s0" / "metrics.csv") as f:
         assert float(next(csv.DictReader(f))["lr"]) == pytest.approx(0.02)
     assert "| teacher | off |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_bench_replays_the_configs_cache_mode_and_everything_with_the_cache_off(make_study, make_config, tmp_path,
                                                                                capsys):
     """Under `logits` the feature stage's cached variant takes the cached logits and cuts its teacher."""
@@ -74,11 +77,10 @@ def test_bench_replays_the_configs_cache_mode_and_everything_with_the_cache_off(
         assert arrays == {"logits.npy"} | ({"feature.stages.1.npy"} if mode == "off" else set()), arrays
 
 
-def test_bench_needs_the_teacher_checkpoint(make_config, tmp_path, capsys):
+def test_bench_needs_the_teacher_checkpoint(make_config, tmp_path, one_error_line):
     path = tmp_path / "bench.yaml"
     path.write_text(yaml.safe_dump(make_config()))
-    assert bench.main(["--config", str(path), "--device", "cpu"]) == 2
-    assert "run the study first" in capsys.readouterr().err
+    assert "run the study first" in one_error_line.cli("--config", path, "--device", "cpu", main=bench.main)
 
 
 def test_bench_formats_times_every_precision_and_memory_format(make_config, tmp_path, capsys):
@@ -93,6 +95,7 @@ def test_bench_formats_times_every_precision_and_memory_format(make_config, tmp_
     assert "| bf16 | True | False |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_bench_profiles_each_runs_last_epoch(make_study, make_config, tmp_path, capsys):
     make_study()
     path = tmp_path / "bench.yaml"

@@ -1,5 +1,4 @@
 """Teacher-output cache: replay equals the live teacher, and every change that alters outputs rebuilds it."""
-import copy
 import shutil
 
 import pytest
@@ -9,57 +8,10 @@ import yaml
 import kd.store
 import run
 from kd.data.cache import TeacherCache
-from kd.config import Config, from_dict
 from kd.data.datasets import train_loader
 from kd.device import autocast
-from kd.train.distiller import Distiller
 from kd.errors import KDError
-from kd.study.study import Study
-
-BASE = {
-    "name": "c",
-    "data": {"dataset": "fashion_mnist", "download": False, "val_size": 16, "batch_size": 16, "eval_batch_size": 32,
-             "num_workers": 0, "augment": {"crop_padding": 2, "hflip": True}},
-    # one teacher, trained once, for every variation of the data below: the cache key is what is tested here
-    "teacher": {"name": "cnn", "kwargs": {"channels": [8, 16], "blocks": 1}, "train": {"epochs": 1},
-                "accept_checkpoint": True},
-    "student": {"name": "cnn", "kwargs": {"channels": [4, 8], "blocks": 1}},
-    "train": {"epochs": 2, "amp": "off"},  # explicit, so the `amp` case below changes the precision on any device
-    "cache": {"mode": "logits+features", "views": 2},
-    "stages": [{"name": "kdf", "logit": {"name": "kd"},
-                "features": [{"name": "fitnets", "student": "stages.1", "teacher": "stages.1"}]}],
-}
-
-
-def merge(base, changes):
-    out = copy.deepcopy(base)
-    for key, value in changes.items():
-        out[key] = merge(out.get(key, {}), value) if isinstance(value, dict) else value
-    return out
-
-
-@pytest.fixture
-def make_config(tmp_path, fashion_files):
-    """Configs over small Fashion-MNIST-format files written in tmp_path (outputs there too)."""
-    root = fashion_files(80, 32)
-
-    def make(**changes):
-        paths = {"output_dir": str(tmp_path / "runs"), "data": {"root": root},
-                 "teacher": {"checkpoint": str(tmp_path / "teacher.pt")}, "cache": {"dir": str(tmp_path / "cache")}}
-        return merge(merge(BASE, paths), changes)
-    return make
-
-
-@pytest.fixture
-def make_study(make_config):
-    """Studies whose teacher is trained once and saved in tmp_path."""
-    def make(**changes):
-        cfg = from_dict(Config, make_config(**changes))
-        cfg.validate()
-        study = Study(cfg, resume=False)
-        study.teacher.obtain()
-        return study
-    return make
+from kd.train.distiller import Distiller
 
 
 def live_teacher(study, x):
@@ -70,7 +22,8 @@ def live_teacher(study, x):
 
 def students_loader(study, views=2):
     """The loader the students of `study` train from, cycling `views` augmentations as the cache does."""
-    return train_loader(study.setting.data, study.setting.cfg.data, study.setting.device, study.setting.cfg.seed, views=views)
+    setting = study.setting
+    return train_loader(setting.data, setting.cfg.data, setting.device, setting.cfg.seed, views=views)
 
 
 def test_cached_outputs_are_the_teacher_outputs_of_the_replayed_batches(make_study):
@@ -127,7 +80,8 @@ def test_on_a_gpu_the_cache_is_copied_there_when_it_fits_and_read_from_its_file_
 @pytest.mark.parametrize("amp", ["off", "bf16"])
 def test_distillation_loss_from_cache_equals_live_teacher(make_study, amp):
     study = make_study(train={"amp": amp})  # the cache is built in the precision the students train in
-    cache, distiller = study.students.cache(), study.students.distiller(study.setting.cfg.stages[0], study.setting.cfg.seed).train()
+    cfg = study.setting.cfg
+    cache, distiller = study.students.cache(), study.students.distiller(cfg.stages[0], cfg.seed).train()
     loader = students_loader(study)
     loader.set_epoch(1)
     batch = next(iter(loader))
@@ -172,7 +126,8 @@ def test_a_teacher_that_torch_fx_cannot_trace_runs_whole_for_the_layers_the_cach
     forward = type(study.teacher.model).forward
     monkeypatch.setattr(type(study.teacher.model), "forward",  # a branch on the input's values
                         lambda self, x: forward(self, x) if x.sum() != 0 else forward(self, x))
-    distiller = study.students.distiller(study.setting.cfg.stages[0], study.setting.cfg.seed, study.students.cache()).train()
+    cfg = study.setting.cfg
+    distiller = study.students.distiller(cfg.stages[0], cfg.seed, study.students.cache()).train()
     assert distiller.teacher_prefix is study.teacher.model
     assert "torch.fx cannot trace the teacher" in capsys.readouterr().out
     loader = students_loader(study)
@@ -213,7 +168,8 @@ def test_students_of_a_subset_replay_a_cache_of_their_images_only(make_study):
     assert study.students.cache_plan()[2]["logits"][0] == (2, 40, 10)
     assert study.students.cache_plan()[1] != make_study().students.cache_plan()[1]  # another subset, another cache
     cache = study.students.cache()
-    loader = train_loader(study.setting.student_data, study.setting.cfg.data, study.setting.device, study.setting.cfg.seed, views=2)
+    setting = study.setting
+    loader = train_loader(setting.student_data, setting.cfg.data, setting.device, setting.cfg.seed, views=2)
     batch = next(iter(loader))
     assert loader.dataset_size == 40 and int(batch.index.max()) < 40
     logits, _ = live_teacher(study, batch.images)
@@ -276,7 +232,9 @@ def test_top_k_cache_keeps_the_largest_logits(make_study):
     assert (replay < -1000).sum(1).eq(logits.shape[1] - 3).all()
 
 
-def test_interrupted_cached_distillation_resumes_to_the_uninterrupted_result(make_config, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_interrupted_cached_distillation_resumes_to_the_uninterrupted_result(make_config, tmp_path, monkeypatch,
+                                                                             assert_same_training):
     """The tensor pipeline + cache path: order and augmentation are functions of (seed, epoch, index)."""
     def config(name):
         path = tmp_path / f"{name}.yaml"
@@ -292,8 +250,7 @@ def test_interrupted_cached_distillation_resumes_to_the_uninterrupted_result(mak
         return forward(self, batch, epoch)
     monkeypatch.setattr(Distiller, "forward", dies_in_second_epoch)
     assert run.main(["--config", str(config("resumed")), "--device", "cpu"]) == 130
+    assert not (tmp_path / "runs" / "resumed" / "kdf" / "result.json").exists()  # stopped mid-stage
     monkeypatch.setattr(Distiller, "forward", forward)
     assert run.main(["--config", str(config("resumed")), "--device", "cpu", "--resume"]) == 0
-    a = torch.load(tmp_path / "runs" / "full" / "kdf" / "last.pt", weights_only=True)["learnable"]
-    b = torch.load(tmp_path / "runs" / "resumed" / "kdf" / "last.pt", weights_only=True)["learnable"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_training(tmp_path / "runs" / "full" / "kdf", tmp_path / "runs" / "resumed" / "kdf")

@@ -11,7 +11,6 @@ from torch._dynamo.utils import counters
 import kd.train.trainer
 import run
 from kd.device import resolve_compile
-from test_cache import make_config  # noqa: F401  (fixture)
 
 
 def metrics(tmp_path, name):
@@ -19,15 +18,20 @@ def metrics(tmp_path, name):
         return list(csv.DictReader(f))
 
 
-def study(tmp_path, make_config, name, compile_mode, cache="logits+features"):  # noqa: F811
+def config(tmp_path, make_config, name, compile_mode, cache="logits+features"):
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(make_config(name=name, train={"epochs": 2, "compile": compile_mode},
                                                cache={"mode": cache})))
-    return run.main(["--config", str(path), "--device", "cpu"])
+    return path
 
 
+def study(*args, **kwargs):
+    return run.main(["--config", str(config(*args, **kwargs)), "--device", "cpu"])
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("cache", ["logits+features", "logits"])  # features from the cache, or a cut teacher
-def test_the_compiled_step_trains_as_the_eager_one_in_one_graph(make_config, tmp_path, cache):  # noqa: F811
+def test_the_compiled_step_trains_as_the_eager_one_in_one_graph(make_config, tmp_path, cache):
     assert study(tmp_path, make_config, "eager", "off", cache) == 0
     torch._dynamo.reset()
     counters.clear()
@@ -43,19 +47,20 @@ def test_the_compiled_step_trains_as_the_eager_one_in_one_graph(make_config, tmp
             assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-3), key
 
 
-def test_a_compiler_failure_is_one_line_naming_the_key(make_config, tmp_path, monkeypatch, capsys):  # noqa: F811
+@pytest.mark.slow
+def test_a_compiler_failure_is_one_line_naming_the_key(make_config, tmp_path, monkeypatch, one_error_line):
     def no_compiler(graph, example_inputs):
         raise RuntimeError("no C++ compiler found")
     compile_ = torch.compile
-    monkeypatch.setattr(kd.train.trainer.torch, "compile", lambda model, mode=None: compile_(model, backend=no_compiler))
+    monkeypatch.setattr(kd.train.trainer.torch, "compile",
+                        lambda model, mode=None: compile_(model, backend=no_compiler))
     torch._dynamo.reset()
-    assert study(tmp_path, make_config, "broken", "default") == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    err = one_error_line.study(config(tmp_path, make_config, "broken", "default"))
     assert "train.compile: torch.compile (mode 'default') failed in kdf: no C++ compiler found; set it to off" in err
 
 
-def test_auto_compiles_nowhere_as_measured(make_config, tmp_path, monkeypatch, capsys):  # noqa: F811
+@pytest.mark.slow
+def test_auto_compiles_nowhere_as_measured(make_config, tmp_path, monkeypatch, capsys):
     """On a GPU the step's CUDA graph (train.graph) leaves compiling too little to repay its cost; on the CPU it
     measured slower."""
     assert [resolve_compile(m, torch.device(d)) for m in ("auto", "off", "default") for d in ("cpu", "cuda")] == \
@@ -67,13 +72,13 @@ def test_auto_compiles_nowhere_as_measured(make_config, tmp_path, monkeypatch, c
     assert report["meta"]["compile"] == {"teacher.train.compile": "off", "train.compile": "off"}
 
 
-def test_graph_on_without_a_gpu_is_one_line_and_auto_says_why_it_is_off(make_config, tmp_path, capsys):  # noqa: F811
+@pytest.mark.slow
+def test_graph_on_without_a_gpu_is_one_line_and_auto_says_why_it_is_off(make_config, tmp_path, capsys,
+                                                                        one_error_line):
     path = tmp_path / "on.yaml"
     path.write_text(yaml.safe_dump(make_config(name="on", train={"epochs": 1, "graph": "on"})))
-    assert run.main(["--config", str(path), "--device", "cpu"]) == 2
-    err = capsys.readouterr().err
-    assert err.strip().splitlines() == [f"error: {path}: train.graph: 'on', but CUDA graphs need a CUDA device, "
-                                        "not cpu; set it to auto or off"], err
+    assert one_error_line.study(path) == (f"error: {path}: train.graph: 'on', but CUDA graphs need a CUDA device, "
+                                          "not cpu; set it to auto or off")
     assert study(tmp_path, make_config, "auto_graph", "off") == 0
     assert "[graph] teacher.train.graph and train.graph: auto -> off (CUDA graphs need a CUDA device, not cpu)" \
         in capsys.readouterr().out

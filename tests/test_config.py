@@ -4,10 +4,9 @@ import copy
 import pytest
 import yaml
 
-import run
 from kd.config import load_config
-from kd.train.losses import LOGIT_LOSSES
 from kd.errors import ConfigError, KDError
+from kd.train.losses import LOGIT_LOSSES
 
 MINIMAL = {"name": "study", "stages": [{"name": "baseline"}]}
 
@@ -37,18 +36,12 @@ def load_error(path, overrides=()):
     return str(e.value)
 
 
-def cli_error(capsys, path, *sets):
-    """run.main on `path`: exit code 2, nothing on stdout but progress, one 'error: ' line on stderr; returns it."""
-    argv = ["--config", str(path)] + [a for s in sets for a in ("--set", s)]
-    assert run.main(argv) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
+def cli_error(one_error_line, path, *sets):
+    """run.main on `path` with `--set` for each of `sets`: exit code 2 and one 'error: ' line on stderr; returns it."""
+    return one_error_line.cli("--config", path, *[a for s in sets for a in ("--set", s)])
 
 
-# --- load_config: keys, types and values -------------------------------------------------------------------------------
+# --- load_config: keys, types and values ------------------------------------------------------------------------------
 
 def test_minimal_config_loads_with_defaults(tmp_path):
     cfg = load_config(write_config(tmp_path))
@@ -68,7 +61,8 @@ def test_method_parameters_sit_beside_the_name(tmp_path):
 
 
 @pytest.mark.parametrize("updates, expected", [
-    pytest.param({"trian": {"epochs": 1}}, "trian: unknown key (did you mean 'train'? choose from: cache, data, ", id="top-typo"),
+    pytest.param({"trian": {"epochs": 1}}, "trian: unknown key (did you mean 'train'? choose from: cache, data, ",
+                 id="top-typo"),
     pytest.param({"train": {"lr_rate": 0.1}}, "train.lr_rate: unknown key (choose from: amp, ", id="nested-unknown"),
     pytest.param({"data": {"augment": {"hflips": False}}}, "data.augment.hflips: unknown key (did you mean 'hflip'?",
                  id="deep-typo"),
@@ -81,12 +75,15 @@ def test_method_parameters_sit_beside_the_name(tmp_path):
     pytest.param({"train": {"lr": -0.1}}, "train.lr: must be > 0, got -0.1", id="negative-lr"),
     pytest.param({"teacher": {"train": {"lr": 0}}}, "teacher.train.lr: must be > 0, got 0.0", id="zero-teacher-lr"),
     pytest.param({"train": {"schedule": "cos"}},
-                 "train.schedule: unknown value 'cos' (did you mean 'cosine'? choose from: constant, cosine, onecycle, step)",
+                 "train.schedule: unknown value 'cos' (did you mean 'cosine'? choose from: constant, cosine, onecycle, "
+                 "step)",
                  id="schedule"),
     pytest.param({"train": {"optimizer": "adam"}},
-                 "train.optimizer: unknown value 'adam' (did you mean 'adamw'? choose from: adamw, sgd)", id="optimizer"),
+                 "train.optimizer: unknown value 'adam' (did you mean 'adamw'? choose from: adamw, sgd)",
+                 id="optimizer"),
     pytest.param({"teacher": {"train": {"compile": "reduce_overhead"}}},
-                 "teacher.train.compile: unknown value 'reduce_overhead' (did you mean 'reduce-overhead'?", id="compile"),
+                 "teacher.train.compile: unknown value 'reduce_overhead' (did you mean 'reduce-overhead'?",
+                 id="compile"),
     pytest.param({"train": {"epochs": 4, "warmup_epochs": 5}}, "train.warmup_epochs: must be in [0, epochs=4], got 5.0",
                  id="warmup"),
     pytest.param({"data": {"val_size": 0}}, "data.val_size: must be >= 1, got 0", id="val-size"),
@@ -131,7 +128,7 @@ def test_unknown_key_lists_the_valid_ones(tmp_path):
     assert " lr, " in message and "weight_decay)" in message
 
 
-# --- --set overrides ---------------------------------------------------------------------------------------------------
+# --- --set overrides --------------------------------------------------------------------------------------------------
 
 def test_overrides_are_parsed_as_yaml(tmp_path):
     path = write_config(tmp_path, {"stages": [{"name": "baseline"}, {"name": "kd", "logit": {"name": "kd"}}]})
@@ -156,7 +153,7 @@ def test_bad_override(tmp_path, override, expected):
     assert load_error(path, [override]).startswith(f"{path}: {expected}")
 
 
-# --- Methods' parameters: checked when the study builds them -----------------------------------------------------------
+# --- Methods' parameters: checked when the study builds them ----------------------------------------------------------
 
 @pytest.mark.parametrize("params, expected", [
     ({"temperature": 0}, "stages[1].logit: logit loss 'kd': temperature must be > 0, got 0.0"),
@@ -164,7 +161,8 @@ def test_bad_override(tmp_path, override, expected):
     ({"alpha": -0.1}, "stages[1].logit: logit loss 'kd': alpha must be in [0, 1], got -0.1"),
     ({"alpha": 1.5}, "stages[1].logit: logit loss 'kd': alpha must be in [0, 1], got 1.5"),
     ({"temperature": "hot"}, "stages[1].logit.temperature: expected float, got 'hot'"),
-    ({"temprature": 2}, "stages[1].logit.temprature: unknown key (did you mean 'temperature'? choose from: alpha, scale, standardize, temperature)"),
+    ({"temprature": 2}, "stages[1].logit.temprature: unknown key (did you mean 'temperature'? choose from: alpha, "
+                        "scale, standardize, temperature)"),
 ])
 def test_kd_parameters_are_checked(params, expected):
     with pytest.raises(ConfigError) as e:
@@ -184,24 +182,24 @@ def test_unknown_logit_loss_name():
         LOGIT_LOSSES.build("kdd", "stages[1].logit", {})
 
 
-# --- run.main: one error line, before any training ---------------------------------------------------------------------
+# --- run.main: one error line, before any training --------------------------------------------------------------------
 
-def test_cli_missing_config_file(tmp_path, capsys):
+def test_cli_missing_config_file(tmp_path, one_error_line):
     path = tmp_path / "absent.yaml"
-    assert cli_error(capsys, path) == f"error: {path}: cannot read config (No such file or directory)"
+    assert cli_error(one_error_line, path) == f"error: {path}: cannot read config (No such file or directory)"
 
 
-def test_cli_invalid_yaml_names_line_and_column(tmp_path, capsys):
+def test_cli_invalid_yaml_names_line_and_column(tmp_path, one_error_line):
     path = tmp_path / "broken.yaml"
     path.write_text("name: study\nstages: [{name: baseline}\n")
-    assert cli_error(capsys, path) == f"error: {path}: invalid YAML (line 3, column 1: expected ',' or ']', but got " \
-                                      "'<stream end>')"
+    assert cli_error(one_error_line, path) == \
+        f"error: {path}: invalid YAML (line 3, column 1: expected ',' or ']', but got '<stream end>')"
 
 
-def test_cli_duplicate_yaml_keys_are_an_error_not_last_one_wins(tmp_path, capsys):
+def test_cli_duplicate_yaml_keys_are_an_error_not_last_one_wins(tmp_path, one_error_line):
     path = tmp_path / "twice.yaml"
     path.write_text("name: study\ntrain: {lr: 0.1}\nstages: [{name: baseline}]\ntrain: {lr: 0.2}\n")
-    assert cli_error(capsys, path) == f"error: {path}: invalid YAML (line 4, column 1: duplicate key 'train')"
+    assert cli_error(one_error_line, path) == f"error: {path}: invalid YAML (line 4, column 1: duplicate key 'train')"
 
 
 @pytest.mark.parametrize("override, expected", [
@@ -210,10 +208,10 @@ def test_cli_duplicate_yaml_keys_are_an_error_not_last_one_wins(tmp_path, capsys
     ("stages.0.logit.temprature=2", "stages[0].logit.temprature: unknown key (did you mean 'temperature'? "
                                     "choose from: alpha, name, scale, standardize, temperature)"),
 ])
-def test_a_misspelt_key_in_a_method_entry_offers_the_entry_keys_too(smoke_config, capsys, override, expected):
+def test_a_misspelt_key_in_a_method_entry_offers_the_entry_keys_too(smoke_config, one_error_line, override, expected):
     cfg = smoke_config(stages=[{"name": "f", "logit": {"name": "kd"},
                                 "features": [{"name": "fitnets", "student": "stages.1", "teacher": "layer2"}]}])
-    assert cli_error(capsys, cfg, override) == f"error: {cfg}: {expected}"
+    assert cli_error(one_error_line, cfg, override) == f"error: {cfg}: {expected}"
 
 
 @pytest.mark.parametrize("updates, sets, expected", [
@@ -223,15 +221,19 @@ def test_a_misspelt_key_in_a_method_entry_offers_the_entry_keys_too(smoke_config
     ({}, ("train.schedule=cos",), "train.schedule: unknown value 'cos' (did you mean 'cosine'?"),
     ({}, ("stages.2.name=x",), "--set stages.2: no list item 2 (the list has 1)"),
 ])
-def test_cli_config_error_names_file_and_key(tmp_path, capsys, updates, sets, expected):
+def test_cli_config_error_names_file_and_key(tmp_path, one_error_line, updates, sets, expected):
     path = write_config(tmp_path, updates)
-    assert cli_error(capsys, path, *sets).startswith(f"error: {path}: {expected}")
+    assert cli_error(one_error_line, path, *sets).startswith(f"error: {path}: {expected}")
 
 
-@pytest.mark.parametrize("override", ["train.lr=[0.1", "train.epochs.x=5", "name.x=1"])
-def test_cli_malformed_override(tmp_path, capsys, override):
+@pytest.mark.parametrize("override, expected", [
+    ("train.lr=[0.1", "--set train.lr: value is not valid YAML: '[0.1'"),
+    ("train.epochs.x=5", "--set train.epochs.x: 'train.epochs' is not a mapping"),
+    ("name.x=1", "--set name.x: 'name' is not a mapping"),
+])
+def test_cli_malformed_override(tmp_path, one_error_line, override, expected):
     path = write_config(tmp_path, {"train": {"epochs": 3}})
-    assert cli_error(capsys, path, override).startswith(f"error: {path}: ")
+    assert cli_error(one_error_line, path, override) == f"error: {path}: {expected}"
 
 
 # Errors found only once the data exists (layer names, methods, models, dataset): a tiny FakeData study.
@@ -259,7 +261,8 @@ STUDY_ERRORS = [
                  id="temperature"),
     pytest.param("stages.1.logit.alpha=1.5", "stages[1].logit: logit loss 'kd': alpha must be in [0, 1], got 1.5",
                  id="alpha"),
-    pytest.param("stages.1.logit.name=kdd", "stages[1].logit: unknown logit loss 'kdd' (did you mean 'kd'?", id="logit"),
+    pytest.param("stages.1.logit.name=kdd", "stages[1].logit: unknown logit loss 'kdd' (did you mean 'kd'?",
+                 id="logit"),
     pytest.param("stages.1.features.0.name=fitnet",
                  "stages[1].features[0]: unknown feature loss 'fitnet' (did you mean 'fitnets'?", id="feature-loss"),
     pytest.param("stages.1.features.0.student=stages.9",
@@ -287,9 +290,9 @@ def test_fake_study_config_is_valid(fake_study):
 
 
 @pytest.mark.parametrize("override, expected", STUDY_ERRORS)
-def test_cli_study_error_before_training(fake_study, capsys, override, expected):
+def test_cli_study_error_before_training(fake_study, one_error_line, override, expected):
     path, tmp_path = fake_study
-    line = cli_error(capsys, path, override)
+    line = cli_error(one_error_line, path, override)
     assert line.startswith(f"error: {path}: {expected}"), line
     assert not (tmp_path / "teacher.pt").exists()
     assert not (tmp_path / "runs").exists()

@@ -36,6 +36,7 @@ def in_memory_data(fashion_files):
 
 
 @pytest.mark.parametrize("cache", ["off", "logits", "logits+features"])
+@pytest.mark.slow
 def test_every_method_over_two_seeds_on_cuda(smoke_config, in_memory_data, tmp_path, capsys, cache):
     """The second seed of a feature stage sizes its connectors with the teacher already on the GPU: this crashed
     before dry passes ran on each model's own device. Under `logits`, where only the feature stages differ from
@@ -55,6 +56,7 @@ def test_every_method_over_two_seeds_on_cuda(smoke_config, in_memory_data, tmp_p
         assert 0 <= row["test_top1"] <= 1 and row["latency_b1_ms"] > 0, name
 
 
+@pytest.mark.slow
 def test_the_step_in_one_cuda_graph_trains_as_the_eager_step(smoke_config, in_memory_data, tmp_path, monkeypatch,
                                                              capsys):
     """train.graph: the whole step (live teacher, feature taps, every loss term, backward, fused optimizer, running
@@ -83,15 +85,15 @@ def test_the_step_in_one_cuda_graph_trains_as_the_eager_step(smoke_config, in_me
     assert len(replays) == steps - WARMUP  # eager warm-up steps, then every step a replay (the captured one too)
 
 
-def test_graph_on_where_it_cannot_be_is_one_line(smoke_config, in_memory_data, capsys):
+def test_graph_on_where_it_cannot_be_is_one_line(smoke_config, in_memory_data, one_error_line):
     cfg = smoke_config(seeds=[0], stages=[{"name": "baseline"}], data=in_memory_data,
                        train={"epochs": 1, "graph": "on", "amp": "fp16"})
-    assert run.main(["--config", str(cfg), "--device", "cuda"]) == 2
-    err = capsys.readouterr().err.strip()
+    err = one_error_line.cli("--config", cfg, "--device", "cuda")
     assert err.endswith("train.graph: 'on', but fp16 loss scaling reads its overflow check on the host every step; "
                         "set it to auto or off"), err
 
 
+@pytest.mark.slow
 def test_an_interrupted_graphed_student_resumes_to_the_uninterrupted_result(smoke_config, in_memory_data,
                                                                            monkeypatch, capsys):
     """Resuming under train.graph: the optimizer's learning rate is a device tensor in last.pt, and the resumed

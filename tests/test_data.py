@@ -159,7 +159,7 @@ def test_cifar10_missing_folder_says_what_to_put_where(tmp_path):
     assert not root.exists() or not any(root.iterdir())
 
 
-# --- ImageNet-style folders: root/{train,val}/<class>/*.jpg ------------------------------------------------------------
+# --- ImageNet-style folders: root/{train,val}/<class>/*.jpg -----------------------------------------------------------
 
 CLASSES = ["cat", "dog", "fox"]
 
@@ -205,19 +205,14 @@ def test_imagenet_train_and_val_classes_must_match(tmp_path, val_classes):
         build_data(data_config(tmp_path, "imagenet", image_size=32, val_size=1))
 
 
-# --- Fashion-MNIST: gzipped IDX files, staged from the Debian package's folder ------------------------------------------
+# --- Fashion-MNIST: gzipped IDX files, staged from the Debian package's folder ----------------------------------------
 
-FMNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
-
-
-def idx_bytes(array):
-    """IDX: big-endian magic (0x08 = uint8 in the third byte, the number of dimensions in the fourth), the sizes, data."""
-    magic = 0x0800 | array.ndim  # 2051 for (N, 28, 28) images, 2049 for (N,) labels
-    return struct.pack(f">{1 + array.ndim}I", magic, *array.shape) + array.astype(np.uint8).tobytes()
+FMNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                "t10k-labels-idx1-ubyte"]
 
 
 @pytest.fixture
-def debian_fmnist(tmp_path, monkeypatch):
+def debian_fmnist(tmp_path, monkeypatch, idx_bytes):
     """A stand-in for /usr/share/datasets/fashion-mnist (Debian's dataset-fashion-mnist): the four *-ubyte.gz files."""
     folder = tmp_path / "debian"
     folder.mkdir()
@@ -230,7 +225,8 @@ def debian_fmnist(tmp_path, monkeypatch):
     assert idx_bytes(arrays["train"][0])[:4] == struct.pack(">I", 2051)
     assert idx_bytes(arrays["train"][1])[:4] == struct.pack(">I", 2049)
     monkeypatch.setattr(kd.data.datasets, "DEBIAN_FASHION_MNIST", folder)
-    return SimpleNamespace(folder=folder, train_x=arrays["train"][0].astype(np.uint8), train_y=arrays["train"][1].tolist(),
+    return SimpleNamespace(folder=folder, train_x=arrays["train"][0].astype(np.uint8),
+                           train_y=arrays["train"][1].tolist(),
                            test_x=arrays["t10k"][0].astype(np.uint8), test_y=arrays["t10k"][1].tolist())
 
 
@@ -264,7 +260,7 @@ def test_fashion_mnist_missing_everywhere(tmp_path, monkeypatch):
     assert "FashionMNIST/raw/" in message and "apt-get install dataset-fashion-mnist" in message
 
 
-# --- The validation holdout and subsets (build_data) -------------------------------------------------------------------
+# --- The validation holdout and subsets (build_data) ------------------------------------------------------------------
 
 @pytest.mark.parametrize("val_size", [40, 41])
 def test_val_size_must_leave_training_images(cifar, val_size):
@@ -317,7 +313,7 @@ def test_split_depends_on_split_seed_only(cifar):
     assert split(5, split_seed=1) == split(0, split_seed=1)
 
 
-# --- loaders ------------------------------------------------------------------------------------------------------------
+# --- loaders ----------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def fake_setup():

@@ -15,17 +15,17 @@ pytest.importorskip("onnxruntime", reason="deployment needs onnx and onnxruntime
 
 import kd.store  # noqa: E402
 import run  # noqa: E402
-from conftest import ROOT, one_error_line  # noqa: E402
-from kd.deploy import card as cards, export  # noqa: E402
-from kd.measure import plots  # noqa: E402
 from kd.config import Config, DataConfig, from_dict  # noqa: E402
 from kd.data.datasets import build_data, plain_train_images  # noqa: E402
-from kd.errors import ConfigError  # noqa: E402
-from kd.train.models import MODELS  # noqa: E402
-from kd.study.study import Study  # noqa: E402
 from kd.data.tensors import normalize  # noqa: E402
-from test_cache import make_config, make_study  # noqa: E402,F401  (fixtures)
+from kd.deploy import card as cards  # noqa: E402
+from kd.deploy import export  # noqa: E402
+from kd.errors import ConfigError  # noqa: E402
+from kd.measure import plots  # noqa: E402
+from kd.study.study import Study  # noqa: E402
+from kd.train.models import MODELS  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 CIFAR_ARCHIVE = SHARED / "data" / "cifar10-jpeg.tar.gz"
 CIFAR_TEACHER = SHARED / "device-runs" / "2026-11-26-h200" / "cifar10_resnet18_teacher_fp16.pt"
@@ -39,6 +39,7 @@ def small_card(channels=1, size=28):
             "classes": [f"class{i}" for i in range(10)], "made_by": {"study": "test"}}
 
 
+@pytest.mark.slow
 def test_export_round_trip_equals_pytorch_at_any_batch_size(tmp_path):
     card = small_card()
     torch.manual_seed(0)
@@ -76,6 +77,7 @@ def fashion_student(tmp_path_factory):
     return model.eval(), data
 
 
+@pytest.mark.slow
 def test_int8_keeps_top1_agreement_on_real_images_and_is_smaller(fashion_student, tmp_path):
     model, data = fashion_student
     card = {**small_card(), "model": {"name": "cnn", "kwargs": {"channels": [16, 32], "blocks": 1}}}
@@ -96,6 +98,7 @@ def test_int8_keeps_top1_agreement_on_real_images_and_is_smaller(fashion_student
     assert (tmp_path / "m.int8.onnx").stat().st_size < 0.6 * (tmp_path / "m.onnx").stat().st_size  # 18 of 33 kB
 
 
+@pytest.mark.slow
 def test_a_study_exports_and_measures_every_model_in_every_runtime(smoke_config, tmp_path, capsys):
     cfg = smoke_config(stages=[{"name": "baseline"}, {"name": "kd", "logit": {"name": "kd"}}],
                        deploy={"onnx": True, "calibration_images": 64}, eval={"batch_size": 8, "warmup": 1,
@@ -186,14 +189,7 @@ def test_a_teacher_whose_card_expects_other_classes_is_refused(make_study, make_
         Study(cfg).check()
 
 
-def one_line_exit_2(capsys, argv):
-    assert run.main(argv) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
-    return err
-
-
-def test_bad_model_and_image_files_get_one_line_each(tmp_path, capsys):
+def test_bad_model_and_image_files_get_one_line_each(tmp_path, capsys, one_error_line):
     image = tmp_path / "i.png"
     Image.new("L", (28, 28), 128).save(image)
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
@@ -204,10 +200,10 @@ def test_bad_model_and_image_files_get_one_line_each(tmp_path, capsys):
     for model, says in (("missing.pt", "no such model file"), ("garbage.pt", "is damaged"),
                         ("garbage.onnx", "not an ONNX file"), ("no_card.pt", "carries no card"),
                         ("wrong_card.pt", "weights do not fit the model its card describes")):
-        assert says in one_line_exit_2(capsys, ["predict", str(tmp_path / model), str(image)])
-    assert "carries no card" in one_line_exit_2(capsys, ["export", str(tmp_path / "no_card.pt")])
+        assert says in one_error_line.cli("predict", tmp_path / model, image)
+    assert "carries no card" in one_error_line.cli("export", tmp_path / "no_card.pt")
     for missing, says in (("missing.pt", "missing.pt: no such file"), ("", "a folder, not a file")):
-        line = one_line_exit_2(capsys, ["export", str(tmp_path / missing)])
+        line = one_error_line.cli("export", tmp_path / missing)
         assert says in line and "damaged" not in line, line
 
     kd.store.save({"model": cards.build(small_card()).state_dict(), "card": small_card()}, tmp_path / "ok.pt")
@@ -220,6 +216,7 @@ def test_bad_model_and_image_files_get_one_line_each(tmp_path, capsys):
     assert captured.out.startswith(f"{image}: class")  # the good image is still predicted
 
 
+@pytest.mark.slow
 def test_export_command_writes_checked_fp32_and_int8_files(tmp_path, capsys):
     torch.manual_seed(0)
     kd.store.save({"model": cards.build(small_card()).state_dict(), "card": small_card()}, tmp_path / "ok.pt")
@@ -233,6 +230,7 @@ def test_export_command_writes_checked_fp32_and_int8_files(tmp_path, capsys):
     assert "agrees with PyTorch on 100.0% of 4 image(s)" in lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (CIFAR_ARCHIVE.exists() and CIFAR_TEACHER.exists()),
                     reason="needs ../shared: the CIFAR-10 archive and the GPU-trained teacher")
 def test_predict_names_the_classes_of_real_cifar10_photos(tmp_path, capsys):
@@ -255,18 +253,19 @@ def test_predict_names_the_classes_of_real_cifar10_photos(tmp_path, capsys):
     assert len(lines) == 20 and right >= 15, lines  # measured: 19 of 20
 
 
-def test_deploy_without_onnxruntime_stops_before_training_with_one_line(smoke_config, capsys, monkeypatch, tmp_path):
+def test_deploy_without_onnxruntime_stops_before_training_with_one_line(smoke_config, monkeypatch, tmp_path,
+                                                                        one_error_line):
     import kd.deploy
     import kd.store
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as on a machine whose Python lacks it
     for name in ("runtimes", "export"):
         monkeypatch.delitem(sys.modules, f"kd.deploy.{name}", raising=False)
         monkeypatch.delattr(kd.deploy, name, raising=False)
-    err = one_error_line(capsys, smoke_config(deploy={"onnx": True}))
+    err = one_error_line.study(smoke_config(deploy={"onnx": True}))
     assert "deploy.onnx" in err and "set deploy.onnx: false" in err, err
     assert not (tmp_path / "teacher.pt").exists()
     kd.store.save({"model": cards.build(small_card()).state_dict(), "card": small_card()}, tmp_path / "ok.pt")
-    assert "run.py export needs onnx" in one_line_exit_2(capsys, ["export", str(tmp_path / "ok.pt")])
+    assert "run.py export needs onnx" in one_error_line.cli("export", tmp_path / "ok.pt")
 
 
 @MODELS.register("data_dependent")
@@ -282,8 +281,9 @@ class DataDependent(torch.nn.Module):
         return y if y.sum() > 0 else -y
 
 
-def test_a_student_onnx_cannot_take_stops_the_study_before_training(smoke_config, capsys, tmp_path):
-    err = one_error_line(capsys, smoke_config(student={"name": "data_dependent", "kwargs": {}},
+@pytest.mark.slow
+def test_a_student_onnx_cannot_take_stops_the_study_before_training(smoke_config, tmp_path, one_error_line):
+    err = one_error_line.study(smoke_config(student={"name": "data_dependent", "kwargs": {}},
                                               stages=[{"name": "baseline"}], deploy={"onnx": True}))
     assert "student.name: 'data_dependent' cannot be exported to ONNX (Could not guard on data-dependent" in err, err
     assert not (tmp_path / "teacher.pt").exists()

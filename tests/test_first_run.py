@@ -12,16 +12,17 @@ import run
 from kd.config import TrainConfig, load_config
 from kd.data.datasets import DATASETS, Splits
 from kd.device import amp_reason, resolve_amp
-from kd.train.distiller import Distiller
 from kd.errors import ConfigError
-from kd.measure.evaluate import accuracy
 from kd.log import Progress
+from kd.measure.evaluate import accuracy
+from kd.train.distiller import Distiller
 from kd.train.models import create_model
 
-from conftest import CONFIGS, ROOT, one_error_line
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
-# --- amp: auto ---------------------------------------------------------------------------------------------------------
+# --- amp: auto --------------------------------------------------------------------------------------------------------
 
 def cpu_flags():
     try:
@@ -59,6 +60,7 @@ def test_shipped_configs_choose_precision_per_machine(path):
     assert cfg.train.amp == "auto" and cfg.teacher.train.amp == "auto"
 
 
+@pytest.mark.slow
 def test_run_says_which_precision_it_chose_and_why(smoke_config, capsys):
     assert run.main(["--config", str(smoke_config(stages=[{"name": "baseline"}])), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
@@ -66,7 +68,7 @@ def test_run_says_which_precision_it_chose_and_why(smoke_config, capsys):
     assert f"[precision] teacher.train.amp and train.amp: auto -> {'fp32' if amp == 'off' else amp} (" in out
 
 
-# --- mistakes in a user's model or method: one line before the teacher trains -------------------------------------------
+# --- mistakes in a user's model or method: one line before the teacher trains -----------------------------------------
 
 PLUGIN = '''
 import torch
@@ -125,15 +127,18 @@ def line_of(text):
 
 BROKEN = [
     ({"student": {"name": "broken_student", "kwargs": {}}, "stages": [{"name": "baseline"}]},
-     "student: a training step on 4 validation images failed: RuntimeError", line_of("        return self.fc(x)  # forgets to pool: (N, C, H, W) meets a Linear of C inputs")),
+     "student: a training step on 4 validation images failed: RuntimeError",
+     line_of("        return self.fc(x)  # forgets to pool: (N, C, H, W) meets a Linear of C inputs")),
     ({"stages": [{"name": "s", "logit": {"name": "no_ce_weight"}}]},
      "stages[0].logit: logit method 'no_ce_weight' must be an nn.Module with a numeric ce_weight", None),
     ({"stages": [{"name": "s", "logit": {"name": "wrong_signature"}}]},
      "stages[0].logit: a training step on 4 validation images failed: TypeError", None),
     ({"stages": [{"name": "s", "logit": {"name": "per_sample"}}]},
-     "stages[0].logit: the loss must be one scalar tensor (see kd/train/losses/base.py), got a tensor of shape (4,)", None),
+     "stages[0].logit: the loss must be one scalar tensor (see kd/train/losses/base.py), got a tensor of shape (4,)",
+     None),
     ({"stages": [{"name": "baseline"}, {"name": "s", "logit": {"name": "untyped", "temperature": "4"}}]},
-     "stages[1].logit: a training step on 4 validation images failed: TypeError", line_of("        return F.mse_loss(student_logits / self.temperature, teacher_logits / self.temperature)")),
+     "stages[1].logit: a training step on 4 validation images failed: TypeError",
+     line_of("        return F.mse_loss(student_logits / self.temperature, teacher_logits / self.temperature)")),
 ]
 
 
@@ -147,17 +152,18 @@ def broken_plugin(tmp_path_factory):
 
 @pytest.mark.parametrize("changes, message, where", BROKEN, ids=[
     "student_forward_fails", "no_ce_weight", "wrong_forward_signature", "per_sample_loss", "string_for_a_float"])
-def test_a_broken_plugin_stops_the_run_before_the_teacher_trains(smoke_config, broken_plugin, tmp_path, capsys,
+def test_a_broken_plugin_stops_the_run_before_the_teacher_trains(smoke_config, broken_plugin, tmp_path, one_error_line,
                                                                   changes, message, where):
     cfg = smoke_config(plugins=[broken_plugin], **changes)
-    err = one_error_line(capsys, cfg)
+    err = one_error_line.study(cfg)
     assert err.startswith(f"error: {cfg}: {message}"), err
     if where:
         assert err.endswith(f"{where})"), err
     assert not (tmp_path / "teacher.pt").exists() and not (tmp_path / "runs" / "smoke" / "teacher").exists()
 
 
-def test_the_check_covers_every_seed_and_leaves_no_trace_in_the_run(smoke_config, monkeypatch):
+@pytest.mark.slow
+def test_the_check_covers_every_seed_and_leaves_no_trace_in_the_run(smoke_config, monkeypatch, assert_same_training):
     """Each (stage, seed) distiller is tried once before training; the trained weights equal those of a run
     without the check (the dry step restores what it touched)."""
     import kd.study.students
@@ -171,13 +177,12 @@ def test_the_check_covers_every_seed_and_leaves_no_trace_in_the_run(smoke_config
     monkeypatch.setattr(kd.study.students, "dry_step", record)
     assert run.main(["--config", str(cfg), "--device", "cpu"]) == 0
     assert tried == ["teacher", None, None]
-    checked = torch.load(cfg.parent / "runs" / "smoke" / "crd" / "seed1" / "last.pt", weights_only=True)["learnable"]
     monkeypatch.setattr(kd.study.study.Study, "check", lambda self: None)
     unchecked_cfg = smoke_config(seeds=[0, 1], stages=stages, name="unchecked")
     assert run.main(["--config", str(unchecked_cfg), "--device", "cpu"]) == 0
-    unchecked = torch.load(cfg.parent / "runs" / "unchecked" / "crd" / "seed1" / "last.pt", weights_only=True)
-    for key, value in checked.items():
-        assert torch.equal(value, unchecked["learnable"][key]), key
+    runs = cfg.parent / "runs"
+    for seed in ("seed0", "seed1"):
+        assert_same_training(runs / "smoke" / "crd" / seed, runs / "unchecked" / "crd" / seed)
 
 
 def test_dry_passes_run_on_the_device_each_model_lives_on():
@@ -191,7 +196,7 @@ def test_dry_passes_run_on_the_device_each_model_lives_on():
     assert distiller.features[0].connector.proj[0].out_channels == 128  # layer2 of the teacher on `meta`
 
 
-# --- teacher provenance ------------------------------------------------------------------------------------------------
+# --- teacher provenance -----------------------------------------------------------------------------------------------
 
 class Images(torch.utils.data.Dataset):
     def __init__(self, data, targets):
@@ -230,24 +235,26 @@ def provenance_config(smoke_config, tmp_path, monkeypatch):
     return write
 
 
-def test_a_teacher_made_under_another_recipe_is_refused(provenance_config, capsys):
+@pytest.mark.slow
+def test_a_teacher_made_under_another_recipe_is_refused(provenance_config, capsys, one_error_line):
     cfg = provenance_config()
     assert run.main(["--config", str(cfg), "--device", "cpu"]) == 0
     teacher = cfg.parent / "teacher.pt"
     before = teacher.read_bytes()
     capsys.readouterr()
-    err = one_error_line(capsys, cfg, "--set", "teacher.train.epochs=2", "--set", "teacher.train.lr=0.01")
+    err = one_error_line.study(cfg, "--set", "teacher.train.epochs=2", "--set", "teacher.train.lr=0.01")
     assert f"teacher.checkpoint: {teacher} was made under another config (" in err
     assert "teacher.train.epochs: 1 -> 2" in err and "teacher.train.lr: 0.05 -> 0.01" in err
     assert "teacher.accept_checkpoint: true" in err and teacher.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_a_teacher_made_from_other_images_is_refused_and_a_moved_copy_of_the_same_is_not(provenance_config, tmp_path,
-                                                                                         capsys):
+                                                                                         one_error_line):
     cfg = provenance_config()
     assert run.main(["--config", str(cfg), "--device", "cpu"]) == 0
     other = write_images(tmp_path / "b", seed=1)  # same classes, same shapes, other images
-    err = one_error_line(capsys, provenance_config(root=other, name="other"))
+    err = one_error_line.study(provenance_config(root=other, name="other"))
     assert "was made under another config (data.content: " in err
     moved = tmp_path / "moved"
     (moved).mkdir()
@@ -255,13 +262,14 @@ def test_a_teacher_made_from_other_images_is_refused_and_a_moved_copy_of_the_sam
     assert run.main(["--config", str(provenance_config(root=str(moved), name="moved")), "--device", "cpu"]) == 0
 
 
-def test_a_smaller_test_split_keeps_the_teacher_and_measures_it_again(provenance_config, capsys):
+@pytest.mark.slow
+def test_a_smaller_test_split_keeps_the_teacher_and_measures_it_again(provenance_config, capsys, one_error_line):
     """The test split changes what is reported, not what the teacher learnt."""
     cfg = provenance_config()
     assert run.main(["--config", str(cfg), "--device", "cpu"]) == 0
     capsys.readouterr()
-    assert run.main(["--config", str(cfg), "--device", "cpu", "--set", "data.test_subset=16"]) == 2
-    assert "finished under a different config (data.test_subset: None -> 16)" in capsys.readouterr().err
+    assert "finished under a different config (data.test_subset: None -> 16)" in \
+        one_error_line.study(cfg, "--set", "data.test_subset=16")
     report = json.loads((cfg.parent / "runs" / "smoke" / "teacher" / "result.json").read_text())
     assert report["fingerprint"] and report["checkpoint"] == str(cfg.parent / "teacher.pt")
     again = provenance_config(name="small_test", test_subset=16)
@@ -269,7 +277,9 @@ def test_a_smaller_test_split_keeps_the_teacher_and_measures_it_again(provenance
     assert "[teacher] test top-1" in capsys.readouterr().out  # re-measured on the new split, not retrained
 
 
-def test_a_teacher_without_provenance_is_refused_unless_accepted_and_then_the_report_says_so(provenance_config, capsys):
+@pytest.mark.slow
+def test_a_teacher_without_provenance_is_refused_unless_accepted_and_then_the_report_says_so(provenance_config, capsys,
+                                                                                            one_error_line):
     cfg = provenance_config()
     assert run.main(["--config", str(cfg), "--device", "cpu"]) == 0
     teacher = cfg.parent / "teacher.pt"
@@ -277,7 +287,7 @@ def test_a_teacher_without_provenance_is_refused_unless_accepted_and_then_the_re
     del ckpt["identity"], ckpt["digest"]  # as another tool writes a teacher: weights only
     torch.save(ckpt, teacher)
     capsys.readouterr()
-    err = one_error_line(capsys, provenance_config(name="again"))
+    err = one_error_line.study(provenance_config(name="again"))
     assert "records no provenance" in err and "teacher.accept_checkpoint: true" in err
     accepted = provenance_config(name="accepted", teacher={"accept_checkpoint": True})
     assert run.main(["--config", str(accepted), "--device", "cpu"]) == 0
@@ -287,21 +297,22 @@ def test_a_teacher_without_provenance_is_refused_unless_accepted_and_then_the_re
         (cfg.parent / "runs" / "accepted" / "report.md").read_text()
 
 
-def test_a_pretrained_teacher_with_a_new_head_needs_training_epochs(smoke_config, tmp_path, capsys):
+def test_a_pretrained_teacher_with_a_new_head_needs_training_epochs(smoke_config, tmp_path, one_error_line):
     weights = tmp_path / "five_classes.pt"
     torch.save(create_model("resnet18", "teacher", {}, 3, 5, 16).state_dict(), weights)
     cfg = smoke_config(teacher={"weights": str(weights), "train": {"epochs": 0}}, stages=[{"name": "baseline"}])
-    err = one_error_line(capsys, cfg)
+    err = one_error_line.study(cfg)
     assert "teacher.train.epochs: 0 leaves tensors that" in err and "fc.bias, fc.weight" in err
     assert not (tmp_path / "teacher.pt").exists()
 
 
-# --- models, metrics, output -------------------------------------------------------------------------------------------
+# --- models, metrics, output ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_teacher_with_no_epochs_weights_or_checkpoint_is_refused_before_anything_runs(smoke_config, tmp_path,
-                                                                                         capsys):
+                                                                                         one_error_line):
     cfg = smoke_config(teacher={"train": {"epochs": 0}})
-    err = one_error_line(capsys, cfg)
+    err = one_error_line.study(cfg)
     assert "teacher.train.epochs: 0, with no checkpoint at" in err and "distil from noise" in err, err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "teacher.pt").exists()
     only_labels = smoke_config(teacher={"train": {"epochs": 0}}, stages=[{"name": "baseline"}])
@@ -334,10 +345,12 @@ def test_progress_prints_a_line_now_and_then_when_output_is_not_a_terminal(capsy
     assert all(" it/s)" in line for line in out)
 
 
-def test_bench_on_a_dataset_the_cache_cannot_serve_names_the_dataset_not_cache_mode(smoke_config, tmp_path):
+@pytest.mark.slow
+def test_bench_on_a_dataset_the_cache_cannot_serve_names_the_dataset_not_cache_mode(smoke_config, tmp_path,
+                                                                                    one_error_line):
     cfg = smoke_config(data={"pipeline": "loader"})
     (tmp_path / "teacher.pt").write_bytes(b"")  # bench needs an existing teacher; it stops before reading it
     proc = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--config", str(cfg), "--device", "cpu"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert "cache.mode" not in proc.stderr and "data.pipeline" in proc.stderr, proc.stderr
+    err = one_error_line.process(proc)
+    assert "cache.mode" not in err and "data.pipeline" in err, err

@@ -20,8 +20,7 @@ import yaml
 import kd.store
 import run
 
-from conftest import ROOT, Payload, one_error_line
-from test_cache import cache_folder, make_config, make_study  # noqa: F401 (fixtures)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def flip(path):
@@ -40,16 +39,15 @@ def garble(path):
     path.write_bytes(np.random.default_rng(0).bytes(path.stat().st_size))
 
 
-def plant(path):
+def plant(path, payload):
     """The checkpoint's keys kept, each value an object whose unpickling runs code (creates `ran-code` beside it);
     the digest recomputed by hand, as an attacker would."""
     ckpt = kd.store.load(path, "")
-    planted = {k: Payload(path.parent / "ran-code") for k in ckpt}
+    planted = {k: payload(path.parent / "ran-code") for k in ckpt}
     torch.save({**planted, "digest": kd.store.content_digest(planted)}, path)
 
 
 DAMAGE = {"flipped": flip, "truncated": truncate, "garbled": garble}
-CHECKPOINT_DAMAGE = {**DAMAGE, "planted": plant}
 
 
 def smoke(**changes):
@@ -98,22 +96,27 @@ CHECKPOINTS = [  # (file, result.json to remove first so that the file is read o
 ]
 
 
-@pytest.mark.parametrize("damage", CHECKPOINT_DAMAGE)
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", [*DAMAGE, "planted"])
 @pytest.mark.parametrize("file, unfinish", CHECKPOINTS, ids=[c[0].split("/", 2)[-1] for c in CHECKPOINTS])
-def test_a_damaged_checkpoint_is_refused_in_one_line(study, file, unfinish, damage, capsys):
+def test_a_damaged_checkpoint_is_refused_in_one_line(study, file, unfinish, damage, payload, one_error_line):
     if unfinish:
         Path(unfinish).unlink()
-    CHECKPOINT_DAMAGE[damage](Path(file))
+    if damage == "planted":
+        plant(Path(file), payload)
+    else:
+        DAMAGE[damage](Path(file))
     before = state_of(study)
-    err = one_error_line(capsys, "study.yaml", "--resume")
+    err = one_error_line.study("study.yaml", "--resume")
     assert f"{file} is damaged" in err and "delete" in err, err
     assert damage != "planted" or "could run code" in err, err
     assert state_of(study) == before and not list(study.rglob("ran-code"))  # nothing unpickled ran
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("edit", ["flipped", "truncated", "garbled", "number", "fields"])
 @pytest.mark.parametrize("model", ["teacher", "baseline"])
-def test_a_damaged_result_is_refused_in_one_line(study, model, edit, capsys):
+def test_a_damaged_result_is_refused_in_one_line(study, model, edit, one_error_line):
     path = Path(f"runs/smoke/{model}/result.json")
     if edit in DAMAGE:
         DAMAGE[edit](path)
@@ -122,20 +125,23 @@ def test_a_damaged_result_is_refused_in_one_line(study, model, edit, capsys):
         if edit == "number":
             result["test_top1"] = 0.99
         else:
-            result = {"fingerprint": result["fingerprint"], "digest": kd.store.fingerprint({"fingerprint": result["fingerprint"]})}
+            fields = {"fingerprint": result["fingerprint"]}
+            result = {**fields, "digest": kd.store.fingerprint(fields)}
         path.write_text(json.dumps(result))
     before = state_of(study)
-    err = one_error_line(capsys, "study.yaml")
+    err = one_error_line.study("study.yaml")
     assert f"{path} is damaged" in err and f"delete runs/smoke/{model}" in err, err
     assert state_of(study) == before
 
 
-def test_a_best_pt_swapped_for_another_models_is_refused(study, capsys):
+@pytest.mark.slow
+def test_a_best_pt_swapped_for_another_models_is_refused(study, one_error_line):
     shutil.copy("runs/smoke/kd/best.pt", "runs/smoke/baseline/best.pt")
-    err = one_error_line(capsys, "study.yaml")
+    err = one_error_line.study("study.yaml")
     assert "runs/smoke/baseline/best.pt is not the one its result.json describes" in err
 
 
+@pytest.mark.slow
 def test_a_moved_run_folder_is_reused_whole(study, capsys):
     shutil.move("runs", "moved")
     capsys.readouterr()
@@ -146,6 +152,7 @@ def test_a_moved_run_folder_is_reused_whole(study, capsys):
     assert report["kd"]["checkpoint"] == "kd/best.pt"
 
 
+@pytest.mark.slow
 def test_an_identically_retrained_teacher_keeps_every_result(study, capsys):
     """The teacher is identified by its weights, not by its file's bytes (which hold its training timings)."""
     ckpt = kd.store.load("teacher.pt", "")
@@ -171,23 +178,26 @@ FOLDERS = {  # a config key, the change that points it at a file, the file
 
 
 @pytest.mark.parametrize("key", FOLDERS)
-def test_a_file_where_a_folder_should_be_stops_the_run_before_any_training(key, tmp_path, monkeypatch, capsys):
+def test_a_file_where_a_folder_should_be_stops_the_run_before_any_training(key, tmp_path, monkeypatch,
+                                                                           one_error_line):
     monkeypatch.chdir(tmp_path)
     changes, file = FOLDERS[key]
     blocker(file)
-    err = one_error_line(capsys, write(smoke(**changes)))
+    err = one_error_line.study(write(smoke(**changes)))
     assert f"{key}: {file}" in err, err
     assert not Path("teacher.pt").exists() and not Path("taken/teacher.pt").exists()
 
 
-def test_a_teacher_checkpoint_that_is_a_folder_is_refused(tmp_path, monkeypatch, capsys):
+def test_a_teacher_checkpoint_that_is_a_folder_is_refused(tmp_path, monkeypatch, one_error_line):
     monkeypatch.chdir(tmp_path)
     Path("teacher.pt").mkdir()
-    assert "teacher.checkpoint: teacher.pt is not a file" in one_error_line(capsys, write(smoke()))
+    assert "teacher.checkpoint: teacher.pt is not a file" in one_error_line.study(write(smoke()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["last.pt", "teacher.pt", "result.json"])
-def test_a_full_disk_mid_save_is_one_line_and_leaves_no_temporary_file(target, tmp_path, monkeypatch, capsys):
+def test_a_full_disk_mid_save_is_one_line_and_leaves_no_temporary_file(target, tmp_path, monkeypatch, capsys,
+                                                                        one_error_line):
     """The first write of each kind fails: the teacher's epoch state, its checkpoint once trained, its result once
     measured. One line names the file; once the teacher is trained, --resume finishes without training it again."""
     monkeypatch.chdir(tmp_path)
@@ -201,7 +211,7 @@ def test_a_full_disk_mid_save_is_one_line_and_leaves_no_temporary_file(target, t
         return refuse
     monkeypatch.setattr(Path, "write_bytes", full(write_bytes))
     monkeypatch.setattr(Path, "write_text", full(write_text))
-    err = one_error_line(capsys, write(smoke(stages=[{"name": "baseline"}])))
+    err = one_error_line.study(write(smoke(stages=[{"name": "baseline"}])))
     assert f"{target}: cannot write it (No space left on device)" in err, err
     assert not list(tmp_path.rglob("*.tmp"))
     monkeypatch.setattr(Path, "write_bytes", write_bytes)
@@ -215,7 +225,7 @@ def test_a_full_disk_mid_save_is_one_line_and_leaves_no_temporary_file(target, t
 @pytest.mark.parametrize("array, damage", [("logits", "flipped"), ("logits", "zeroed"), ("feature.stages.1", "garbled"),
                                            ("logits", "header")])
 def test_a_damaged_cache_array_is_rebuilt_to_the_same_bytes(make_study, array, damage, capsys):
-    folder = cache_folder(make_study())
+    folder = make_study().students.cache().folder
     path = folder / f"{array}.npy"
     pristine = path.read_bytes()
     b = bytearray(pristine)
@@ -231,52 +241,54 @@ def test_a_damaged_cache_array_is_rebuilt_to_the_same_bytes(make_study, array, d
         b = bytearray(np.random.default_rng(0).bytes(len(b)))
     path.write_bytes(bytes(b))
     capsys.readouterr()
-    assert cache_folder(make_study()) == folder
+    assert make_study().students.cache().folder == folder
     assert f"{path} does not match its digest (damaged); rebuilding" in capsys.readouterr().out
     assert path.read_bytes() == pristine
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_a_damaged_cache_manifest_is_rebuilt(make_study, damage, capsys):
-    folder = cache_folder(make_study())
+    folder = make_study().students.cache().folder
     DAMAGE[damage](folder / "manifest.json")
     capsys.readouterr()
-    cache_folder(make_study())
+    make_study().students.cache().folder
     out = capsys.readouterr().out
     assert ("is damaged; rebuilding" in out or "incomplete" in out) and "[cache] building" in out
     assert json.loads((folder / "manifest.json").read_text())["arrays"]
 
 
-def test_a_cache_that_would_not_fit_stops_the_run_before_the_teacher_trains(make_config, tmp_path, monkeypatch, capsys):
+def test_a_cache_that_would_not_fit_stops_the_run_before_the_teacher_trains(make_config, tmp_path, monkeypatch,
+                                                                            one_error_line):
     usage = shutil.disk_usage("/")
     monkeypatch.setattr(kd.store.shutil, "disk_usage", lambda path: usage._replace(free=1000))
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(make_config()))
-    err = one_error_line(capsys, path)
+    err = one_error_line.study(path)
     assert "cache.dir: the teacher cache needs" in err
     assert not (tmp_path / "teacher.pt").exists() and not (tmp_path / "cache").exists()
 
 
-def test_a_cache_dir_that_is_a_file_stops_the_run_before_the_teacher_trains(make_config, tmp_path, capsys):
+def test_a_cache_dir_that_is_a_file_stops_the_run_before_the_teacher_trains(make_config, tmp_path, one_error_line):
     (tmp_path / "cache").write_text("")
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(make_config()))
-    assert f"cache.dir: {tmp_path / 'cache'} cannot be a folder" in one_error_line(capsys, path)
+    assert f"cache.dir: {tmp_path / 'cache'} cannot be a folder" in one_error_line.study(path)
     assert not (tmp_path / "teacher.pt").exists()
 
 
 def test_an_identically_retrained_teacher_reuses_the_cache(make_study, tmp_path, capsys):
-    folder = cache_folder(make_study())
+    folder = make_study().students.cache().folder
     ckpt = kd.store.load(tmp_path / "teacher.pt", "")
     kd.store.save({**ckpt, "train": {**ckpt["train"], "epoch_seconds": 1e9}}, tmp_path / "teacher.pt")
     capsys.readouterr()
-    assert cache_folder(make_study()) == folder
+    assert make_study().students.cache().folder == folder
     assert "[cache] reusing" in capsys.readouterr().out
 
 
 # --- kill -9 ---------------------------------------------------------------------------------------------------------
 
-def test_kill_9_mid_training_resumes_to_the_uninterrupted_result(tmp_path):
+@pytest.mark.slow
+def test_kill_9_mid_training_resumes_to_the_uninterrupted_result(tmp_path, assert_same_training):
     """A real SIGKILL (no handler runs) in the middle of a stage; --resume then ends bit-identical to a run that was
     never interrupted."""
     def config(name):
@@ -299,13 +311,7 @@ def test_kill_9_mid_training_resumes_to_the_uninterrupted_result(tmp_path):
     assert not (last.parent / "result.json").exists()  # killed mid-stage, not after it
     resumed = subprocess.run(cli("killed", "--resume"), capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
-    for name in ("best.pt", "last.pt"):
-        a = kd.store.load(tmp_path / "runs" / "full" / "baseline" / name, "")
-        b = kd.store.load(last.parent / name, "")
-        a, b = a.get("learnable", a.get("model")), b.get("learnable", b.get("model"))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    reports = [json.loads((tmp_path / "runs" / n / "report.json").read_text())["models"]["baseline"] for n in ("full", "killed")]
-    assert reports[0]["test_top1"] == reports[1]["test_top1"]
+    assert_same_training(tmp_path / "runs" / "full" / "baseline", last.parent)
 
 
 def test_a_foreign_error_in_a_one_line_message_loses_its_escape_codes_and_is_cut_at_a_word():

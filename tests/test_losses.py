@@ -1,21 +1,19 @@
 """Distillation losses: hand computations, gradients, and hooks/connectors for the shipped configs."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from kd.config import StageConfig, from_dict, load_config
+from kd.data.tensors import Batch
 from kd.train.distiller import Distiller
 from kd.train.losses import Probe
 from kd.train.losses.fitnets import FitNets
 from kd.train.losses.kd import KD
 from kd.train.models import create_model
-from kd.data.tensors import Batch
 
-from conftest import CONFIGS
-
-# (in_channels, image_size, num_classes) of each dataset the shipped configs name.
-DATASET_SHAPES = {"fashion_mnist": (1, 28, 10), "cifar10": (3, 32, 10), "imagenet": (3, 224, 1000), "fake": (3, 16, 10)}
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
 
 def softmax(xs):
@@ -52,21 +50,14 @@ def test_kd_rejects_out_of_range_parameters(kwargs):
         KD(**kwargs)
 
 
-def models(in_channels=1, size=28, classes=10):
-    torch.manual_seed(0)
-    teacher = create_model("resnet18", "teacher", {}, in_channels, classes, size)
-    student = create_model("cnn", "student", {"channels": [8, 16, 32]}, in_channels, classes, size)
-    return teacher, student
-
-
 def stage(logit=True, pairs=(("stages.1", "layer2"), ("stages.2", "layer3"))):
     raw = {"name": "s", "logit": {"name": "kd"} if logit else None,
            "features": [{"name": "fitnets", "student": s, "teacher": t, "weight": 1.0} for s, t in pairs]}
     return from_dict(StageConfig, raw)
 
 
-def test_logit_and_feature_losses_are_nonzero_and_reach_the_student_only():
-    teacher, student = models()
+def test_logit_and_feature_losses_are_nonzero_and_reach_the_student_only(teacher_student):
+    teacher, student = teacher_student
     x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
     distiller = Distiller.build(stage(), student, teacher, x[:2], 0.0, "stages[0]").train()
     _, terms = distiller(Batch(x, y, torch.arange(4)))
@@ -83,8 +74,8 @@ def test_logit_and_feature_losses_are_nonzero_and_reach_the_student_only():
             assert connector.grad is not None and connector.grad.abs().sum() > 0, term
 
 
-def test_feature_term_only_reaches_layers_up_to_the_hooked_one():
-    teacher, student = models()
+def test_feature_term_only_reaches_layers_up_to_the_hooked_one(teacher_student):
+    teacher, student = teacher_student
     x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
     distiller = Distiller.build(stage(logit=False, pairs=[("stages.0", "layer1")]), student, teacher, x[:2], 0.0, "s")
     _, terms = distiller.train()(Batch(x, y, torch.arange(4)))
@@ -101,16 +92,16 @@ def test_connector_matches_channels_and_both_resize_directions():
         assert method([torch.randn(2, *s_shape)], [torch.randn(2, *t_shape)]).item() > 0
 
 
-def test_teacher_stays_in_eval_mode_while_student_trains():
-    teacher, student = models()
-    distiller = Distiller.build(stage(), student, teacher, torch.randn(2, 1, 28, 28), 0.0, "s").train()
+def test_teacher_stays_in_eval_mode_while_student_trains(teacher_student):
+    teacher, student = teacher_student
+    Distiller.build(stage(), student, teacher, torch.randn(2, 1, 28, 28), 0.0, "s").train()
     assert student.training and not teacher.training
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_every_feature_pair_in_shipped_configs_builds_and_matches_shapes(path):
+def test_every_feature_pair_in_shipped_configs_builds_and_matches_shapes(path, dataset_shapes):
     cfg = load_config(path)
-    c, size, classes = DATASET_SHAPES[cfg.data.dataset]
+    c, size, classes = dataset_shapes[cfg.data.dataset]
     x = torch.randn(2, c, size, size)
     for i, st in enumerate(s for s in cfg.stages if s.features):
         teacher = create_model(cfg.teacher.name, "teacher", cfg.teacher.kwargs, c, classes, size)

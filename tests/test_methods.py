@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from kd.config import StageConfig, from_dict
+from kd.data.tensors import Batch
+from kd.errors import ConfigError
 from kd.train.distiller import Distiller
 from kd.train.losses import FEATURE_LOSSES, LOGIT_LOSSES, Probe, Step
 from kd.train.losses.at import AT
@@ -15,18 +17,14 @@ from kd.train.losses.dist import DIST
 from kd.train.losses.dkd import DKD, decoupled_kl
 from kd.train.losses.kd import KD
 from kd.train.losses.reviewkd import ReviewKD, hcl
-from kd.errors import ConfigError
 from kd.train.losses.rkd import RKD
-from kd.data.tensors import Batch
-
-from test_losses import models
 
 
 def probe(student_shapes, teacher_shapes, num_samples=100):
     return Probe(student_shapes, teacher_shapes, num_samples, 10)
 
 
-# --- logit methods -----------------------------------------------------------------------------------------------------
+# --- logit methods ----------------------------------------------------------------------------------------------------
 
 def test_dkd_parts_sum_back_to_kd_per_sample():
     torch.manual_seed(0)
@@ -81,7 +79,7 @@ def test_logit_standardization_ignores_the_student_logits_shift_and_scale():
     assert KD(2.0, 0.9)(s * 3, t).item() != pytest.approx(KD(2.0, 0.9)(s, t).item(), rel=1e-2)
 
 
-# --- feature methods ---------------------------------------------------------------------------------------------------
+# --- feature methods --------------------------------------------------------------------------------------------------
 
 def test_at_is_invariant_to_channel_permutations_and_zero_when_attention_agrees():
     torch.manual_seed(3)
@@ -113,7 +111,8 @@ def test_rkd_is_invariant_to_uniform_scaling_and_zero_for_identical_embeddings()
     assert method([s * 5.0], [t * 0.1]).item() == pytest.approx(base, rel=1e-4)
     assert method([t.clone()], [t]).item() == pytest.approx(0.0, abs=1e-5)
     maps = RKD(probe([(16, 2, 2)], [(32, 1, 1)]))  # maps are averaged over space first
-    assert maps([s[:, :, None, None].expand(8, 16, 2, 2)], [t[:, :, None, None]]).item() == pytest.approx(base, rel=1e-5)
+    spread = s[:, :, None, None].expand(8, 16, 2, 2)
+    assert maps([spread], [t[:, :, None, None]]).item() == pytest.approx(base, rel=1e-5)
 
 
 def test_crd_loss_falls_when_student_and_teacher_embeddings_agree():
@@ -179,7 +178,7 @@ def test_reviewkd_fuses_levels_into_teacher_shapes_and_hcl_reduces_to_mse_on_1x1
     torch.testing.assert_close(hcl(a, b), expected)
 
 
-# --- every method through the Distiller --------------------------------------------------------------------------------
+# --- every method through the Distiller -------------------------------------------------------------------------------
 
 METHOD_STAGES = {
     "kd": {"logit": {"name": "kd"}},
@@ -204,8 +203,8 @@ def test_every_registered_method_has_a_gradient_test():
 
 
 @pytest.mark.parametrize("name", METHOD_STAGES)
-def test_every_method_is_nonzero_and_its_gradient_reaches_the_student_and_its_modules(name):
-    teacher, student = models()
+def test_every_method_is_nonzero_and_its_gradient_reaches_the_student_and_its_modules(name, teacher_student):
+    teacher, student = teacher_student
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
     stage = from_dict(StageConfig, {"name": name, **METHOD_STAGES[name]})
     distiller = Distiller.build(stage, student, teacher, x[:2], 0.0, "stages[0]", num_samples=100).train()
@@ -222,11 +221,11 @@ def test_every_method_is_nonzero_and_its_gradient_reaches_the_student_and_its_mo
 
 
 @pytest.mark.parametrize("name", METHOD_STAGES)
-def test_every_method_trains_without_reading_a_value_on_the_host(name):
+def test_every_method_trains_without_reading_a_value_on_the_host(name, teacher_student):
     """What a step captured in a CUDA graph needs (kd/train/step.py): after a first eager step, forward and backward run
     on `meta` tensors, which hold no values, so any read on the host (`.item()`, `min()` on a tensor, a
     tensor-dependent `if`) fails here. DKD's warm-up did, through `min(step.epoch / warmup, 1.0)`."""
-    teacher, student = models()
+    teacher, student = teacher_student
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
     stage = from_dict(StageConfig, {"name": name, **METHOD_STAGES[name]})
     distiller = Distiller.build(stage, student, teacher, x[:2], 0.0, "stages[0]", num_samples=100).train()
@@ -258,7 +257,8 @@ def test_logit_method_parameters_are_checked(method, params, expected):
     ({"name": "rkd", "student": "pool", "teacher": "avgpool", "angle_weight": -1.0}, "weights must be >= 0"),
     ({"name": "crd", "student": "pool", "teacher": "avgpool"},
      "feature loss 'crd': nce_k must be in [1, training images=100), got 16384"),
-    ({"name": "reviewkd", "student": ["stages.1"], "teacher": ["layer2"], "mid_channels": 0}, "mid_channels must be >= 1"),
+    ({"name": "reviewkd", "student": ["stages.1"], "teacher": ["layer2"], "mid_channels": 0},
+     "mid_channels must be >= 1"),
     ({"name": "fitnets", "student": ["stages.1", "stages.2"], "teacher": ["layer2", "layer3"]},
      "'fitnets' matches 1 student and teacher layer(s); got 2 and 2"),
     ({"name": "reviewkd", "student": ["stages.1", "stages.2"], "teacher": ["layer2"]},
@@ -267,8 +267,8 @@ def test_logit_method_parameters_are_checked(method, params, expected):
     ({"name": "rkd", "student": "pool", "teacher": "avgpool", "distance": 25}, "distance: unknown key (did you mean"),
     ({"name": "fitnets", "student": "stages.1", "teacher": "layer9"}, "teacher: no layer 'layer9' in this model"),
 ])
-def test_feature_method_configs_are_checked(feature, expected):
-    teacher, student = models()
+def test_feature_method_configs_are_checked(feature, expected, teacher_student):
+    teacher, student = teacher_student
     stage = from_dict(StageConfig, {"name": "s", "features": [feature]})
     with pytest.raises(ConfigError) as e:
         Distiller.build(stage, student, teacher, torch.randn(2, 1, 28, 28), 0.0, "stages[1]", num_samples=100)

@@ -1,24 +1,24 @@
 """Models, pretrained-weight loading, and the inference-cost measurements."""
+from pathlib import Path
+
 import pytest
 import torch
 import torchvision
 from torch import nn
 
 from kd.config import EvalConfig, load_config
+from kd.errors import ConfigError
 from kd.measure.evaluate import LiveTensorBytes, macs_per_image, peak_memory, profile
 from kd.train.models import count_parameters, create_model, load_weights
-from kd.errors import ConfigError
 
-from conftest import CONFIGS, Payload
-from test_losses import DATASET_SHAPES
-
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if p.name != "smoke.yaml"], ids=lambda p: p.name)
-def test_shipped_students_are_at_least_10x_cheaper_than_the_teacher(path):
+def test_shipped_students_are_at_least_10x_cheaper_than_the_teacher(path, dataset_shapes):
     cfg = load_config(path)
-    c, size, classes = DATASET_SHAPES[cfg.data.dataset]
+    c, size, classes = dataset_shapes[cfg.data.dataset]
     teacher = create_model(cfg.teacher.name, "teacher", cfg.teacher.kwargs, c, classes, size)
     student = create_model(cfg.student.name, "student", cfg.student.kwargs, c, classes, size)
     assert count_parameters(teacher) >= 10 * count_parameters(student)
@@ -103,10 +103,11 @@ def test_torchvision_pretrained_path_reads_the_hub_cache(tmp_path, monkeypatch):
     torch.save(source.state_dict(), cache / weights.url.rsplit("/", 1)[-1])
     target = create_model("resnet18", "t", {}, 3, 1000, 224)
     assert load_weights(target, "resnet18", "torchvision", "teacher.weights") == []
-    assert all(torch.equal(a, b) for a, b in zip(target.state_dict().values(), source.state_dict().values()))
+    loaded, saved = target.state_dict(), source.state_dict()
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
 
 
-def test_bad_weights_give_config_errors(tmp_path):
+def test_bad_weights_give_config_errors(tmp_path, payload):
     model = create_model("resnet18", "t", {}, 3, 10, 224)
     with pytest.raises(ConfigError, match="weights file not found"):
         load_weights(model, "resnet18", str(tmp_path / "none.pt"), "teacher.weights")
@@ -117,7 +118,7 @@ def test_bad_weights_give_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="text.pt is not a state dict this project can read"):
         load_weights(model, "resnet18", str(tmp_path / "text.pt"), "teacher.weights")
     marker = tmp_path / "ran-code"
-    torch.save({"fc.weight": Payload(marker)}, tmp_path / "planted.pt")
+    torch.save({"fc.weight": payload(marker)}, tmp_path / "planted.pt")
     with pytest.raises(ConfigError, match="planted.pt is not a state dict"):
         load_weights(model, "resnet18", str(tmp_path / "planted.pt"), "teacher.weights")
     assert not marker.exists()  # read as weights only: nothing in it ran

@@ -10,12 +10,10 @@ import torch
 
 import run
 from kd.config import Config, StageConfig, from_dict, to_dict
+from kd.data.tensors import Batch
+from kd.store import fingerprint
 from kd.train.distiller import Distiller, Taps, feature_layers
 from kd.train.models import create_model
-from kd.store import fingerprint
-from kd.data.tensors import Batch
-
-from conftest import ROOT
 
 # Fields that never change what a model learns. A new field is part of identity unless marked NOT_RESULT in
 # kd/config.py, and marking one must be a deliberate change to this list too.
@@ -52,6 +50,7 @@ def test_identity_is_every_field_but_the_marked_ones():
         assert changed == (name not in NOT_RESULT), name
 
 
+@pytest.mark.slow
 def test_settings_that_do_not_change_results_reuse_finished_stages(smoke_config, capsys):
     cfg = smoke_config(stages=[{"name": "baseline"}])
     assert run.main(["--config", str(cfg), "--device", "cpu"]) == 0
@@ -63,15 +62,16 @@ def test_settings_that_do_not_change_results_reuse_finished_stages(smoke_config,
     assert "[baseline] finished earlier" in capsys.readouterr().out and best.stat().st_mtime_ns == mtime
 
 
-def test_a_changed_result_setting_names_what_changed(smoke_config, capsys):
+@pytest.mark.slow
+def test_a_changed_result_setting_names_what_changed(smoke_config, capsys, one_error_line):
     cfg = smoke_config(stages=[{"name": "baseline"}])
     assert run.main(["--config", str(cfg), "--device", "cpu"]) == 0
     capsys.readouterr()
-    assert run.main(["--config", str(cfg), "--device", "cpu", "--set", "train.weight_decay=0.001"]) == 2
-    assert "finished under a different config (train.weight_decay: 0.0005 -> 0.001)" in capsys.readouterr().err
+    assert "finished under a different config (train.weight_decay: 0.0005 -> 0.001)" in \
+        one_error_line.study(cfg, "--set", "train.weight_decay=0.001")
 
 
-# --- feature taps --------------------------------------------------------------------------------------------------------
+# --- feature taps -----------------------------------------------------------------------------------------------------
 
 def models():
     torch.manual_seed(0)
@@ -127,6 +127,7 @@ def test_a_feature_can_be_a_module_input():
         teacher.layer1(teacher.relu(teacher.bn1(teacher.conv1(x)))))))), 1))
 
 
+@pytest.mark.slow
 def test_the_distillation_step_compiles_as_one_graph_with_its_feature_taps():
     teacher, student = models()
     distiller = Distiller.build(stage(), student, teacher, torch.randn(2, 1, 28, 28), 0.0, "s").train()
@@ -138,16 +139,17 @@ def test_the_distillation_step_compiles_as_one_graph_with_its_feature_taps():
         assert compiled[term].item() == pytest.approx(eager[term].item(), rel=1e-5), term
 
 
-# --- --list ----------------------------------------------------------------------------------------------------------------
+# --- --list -----------------------------------------------------------------------------------------------------------
 
-def test_list_prints_every_registered_name_with_its_parameters_and_a_config_plugins_too(tmp_path):
+@pytest.mark.slow
+def test_list_prints_every_registered_name_with_its_parameters_and_a_config_plugins_too(tmp_path, root):
     plugin = tmp_path / "listed.py"
     plugin.write_text("from torch import nn\nfrom kd.train.losses import LOGIT_LOSSES\n\n\n"
                       "@LOGIT_LOSSES.register('listed_method')\nclass Listed(nn.Module):\n"
                       "    def __init__(self, tau: float = 2.0):\n        super().__init__()\n")
     config = tmp_path / "c.yaml"
     config.write_text(json.dumps({"name": "c", "plugins": ["listed.py"], "stages": [{"name": "b"}]}))
-    out = subprocess.run([sys.executable, str(ROOT / "run.py"), "--list", "--config", str(config)],
+    out = subprocess.run([sys.executable, str(root / "run.py"), "--list", "--config", str(config)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     for line in ("  kd(temperature: float = 4.0, alpha: float = 0.9, standardize: bool = False, scale: float = 1.0)",

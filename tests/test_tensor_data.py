@@ -31,10 +31,11 @@ def params(indices, seed=0, view=0, crop_padding=2, hflip=True):
 
 
 def random_images(n, channels, size=28, seed=0):
-    return torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(seed))
 
 
-# --- aug_params ---------------------------------------------------------------------------------------------------------
+# --- aug_params -------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_hash_is_exact_32bit_arithmetic(device):
@@ -88,7 +89,7 @@ def test_no_padding_means_no_offsets_and_no_hflip_means_no_flips():
     assert not flip.any() and dy.max() == 8
 
 
-# --- augment and normalize against torchvision --------------------------------------------------------------------------
+# --- augment and normalize against torchvision ------------------------------------------------------------------------
 
 def torchvision_reference(image_u8, dy, dx, flip, p, mean, std):
     """RandomCrop(padding=p) + RandomHorizontalFlip + ToTensor + Normalize on a PIL image, with the draws given."""
@@ -127,7 +128,7 @@ def test_normalize_matches_to_tensor_and_normalize(channels, stats):
         torch.testing.assert_close(out[k], TF.normalize(TF.to_tensor(img), *stats), atol=1e-6, rtol=0)
 
 
-# --- TensorLoader -------------------------------------------------------------------------------------------------------
+# --- TensorLoader -----------------------------------------------------------------------------------------------------
 
 N, BATCH, SEED = 50, 8, 11
 AUG = AugmentConfig(crop_padding=2, hflip=True)
@@ -209,7 +210,7 @@ def test_views_cycle_the_augmentation():
         make_loader(views=0)
 
 
-# --- from_subset --------------------------------------------------------------------------------------------------------
+# --- from_subset ------------------------------------------------------------------------------------------------------
 
 class InMemory(torch.utils.data.Dataset):
     """What from_subset reads of torchvision's FashionMNIST (.data a uint8 tensor, .targets a tensor) and CIFAR10
