@@ -62,13 +62,26 @@ def _setting(default):
     return field(default=default, metadata=NOT_RESULT)
 
 
+def _added(default):
+    """A result-changing field added after identities were first recorded: at this default it is left out of
+    identity, so the checkpoints, results and caches made before it existed stay valid; any other value is part of
+    identity like every field."""
+    return field(default=default, metadata={"added": default})
+
+
 @dataclass
 class AugmentConfig:
     crop_padding: int = 4  # random crop after zero padding (small images); 0 turns it off
     hflip: bool = True  # random horizontal flip; turn off where mirrored images change the class
+    # [min, max] area scale of a random-resized crop (aspect 3/4-4/3, resized back to the image size) instead of the
+    # padded crop, in memory and from files alike; null: the padded crop (ImageNet read from files: [0.08, 1])
+    resized_crop: list[float] | None = _added(None)
 
     def validate(self, key):
         _check(self.crop_padding >= 0, f"{key}.crop_padding", "must be >= 0", self.crop_padding)
+        scale = self.resized_crop
+        _check(scale is None or len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, f"{key}.resized_crop",
+               "must be [min, max] area scales with 0 < min <= max <= 1", scale)
 
 
 @dataclass
@@ -79,6 +92,7 @@ class DataConfig:
     image_size: int = 224  # folder datasets (imagenet) and fake data; fixed datasets know their own size
     val_size: int = 5000  # held out from the training split to pick checkpoints; the test split is only reported
     train_subset: int | None = None  # train on only this many images (quick runs); None = all
+    classes: int | None = _added(None)  # only the first N classes (sorted order), in training and test; None = all
     test_subset: int | None = field(default=None, metadata=EVALUATION)
     split_seed: int = 0  # fixed apart from the training seed so repeated seeds share one split
     batch_size: int = 128
@@ -95,7 +109,7 @@ class DataConfig:
     def validate(self, key):
         _check(self.image_size >= 8, f"{key}.image_size", "must be >= 8", self.image_size)
         _check(self.val_size >= 1, f"{key}.val_size", "must be >= 1", self.val_size)
-        for name in ("train_subset", "test_subset"):
+        for name in ("train_subset", "test_subset", "classes"):
             v = getattr(self, name)
             _check(v is None or v >= 1, f"{key}.{name}", "must be >= 1 or null", v)
         _check(self.batch_size >= 1, f"{key}.batch_size", "must be >= 1", self.batch_size)
@@ -465,7 +479,8 @@ def to_dict(cfg, scope="all"):
             return {**d, **obj.params}
         if dataclasses.is_dataclass(obj):
             return {f.name: flat(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                    if f.metadata.get("result", True) not in hidden}
+                    if f.metadata.get("result", True) not in hidden
+                    and not (hidden and "added" in f.metadata and getattr(obj, f.name) == f.metadata["added"])}
         if isinstance(obj, list):
             return [flat(v) for v in obj]
         return obj

@@ -65,8 +65,12 @@ class Data:
 
 
 def small_image_transforms(cfg, size, mean, std):
+    """The training and evaluation transforms of images that already have the model's size (the DataLoader's
+    equivalent of the tensor pipeline's augmentation)."""
     aug = []
-    if cfg.augment.crop_padding:
+    if cfg.augment.resized_crop:
+        aug.append(T.RandomResizedCrop(size, scale=tuple(cfg.augment.resized_crop)))
+    elif cfg.augment.crop_padding:
         aug.append(T.RandomCrop(size, padding=cfg.augment.crop_padding))
     if cfg.augment.hflip:
         aug.append(T.RandomHorizontalFlip())
@@ -165,12 +169,25 @@ def fashion_mnist(cfg):
     return Splits(train, plain, test, 10, 1, 28, mean, std)
 
 
+SMALL = 64  # images up to this size are decoded once and held in memory (kd/data/folders.py)
+
+
 @DATASETS.register("imagenet")
 def imagenet(cfg):
-    """ImageNet-style folders: root/train/<class>/*.jpg and root/val/<class>/*.jpg (val is the test split)."""
+    """ImageNet-style data: train/<class>/* and val/<class>/* (val is the test split), as folders or as .tar(.gz)
+    shards of them. At data.image_size 64 or less (Tiny-ImageNet) the images are decoded once and trained in memory
+    like CIFAR-10 (they must have that size); larger ones are read from the folders by a DataLoader, resized."""
     size = cfg.image_size
     mean, std = normalisation(cfg, 3, lambda: ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
-    train_tf = T.Compose([T.RandomResizedCrop(size)] + ([T.RandomHorizontalFlip()] if cfg.augment.hflip else [])
+    if size <= SMALL and (found := folders.splits(cfg.root, *small_image_transforms(cfg, size, mean, std))):
+        train, plain, test, classes = found
+        if train.data.shape[1:] != (size, size, 3):
+            raise ConfigError("data.image_size", f"{size}, but the images in {cfg.root} are "
+                              f"{'x'.join(map(str, train.data.shape[1:]))}; set it to their size")
+        return Splits(train, plain, test, len(classes), 3, size, mean, std)
+    scale = tuple(cfg.augment.resized_crop or (0.08, 1.0))  # torchvision's default, ImageNet's usual one
+    train_tf = T.Compose([T.RandomResizedCrop(size, scale=scale)] + ([T.RandomHorizontalFlip()] if cfg.augment.hflip
+                                                                      else [])
                          + [T.ToTensor(), T.Normalize(mean, std)])
     resize = int(size * 256 / 224)
     eval_tf = eval_transform(size, resize, mean, std)
@@ -204,23 +221,35 @@ def build_data(cfg, device=torch.device("cpu"), distributed=False):
     if Path(cfg.root).exists() and not Path(cfg.root).is_dir():
         raise ConfigError("data.root", f"{cfg.root} is a file; it names the folder that holds the dataset")
     s = DATASETS.get(cfg.dataset, "data.dataset")(cfg)
-    n = len(s.train)
+    classes = [str(c) for c in getattr(s.train, "classes", None) or range(s.num_classes)]  # FakeData has none
+    kept, test_kept, num_classes = class_subset(cfg, s, classes)
+    n = len(kept)
     if cfg.val_size >= n:
         raise ConfigError("data.val_size", f"{cfg.val_size} leaves no training images (the training split has {n})")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.split_seed)).tolist()
-    val_idx, train_idx = order[:cfg.val_size], order[cfg.val_size:]
+    val_idx, train_idx = [kept[i] for i in order[:cfg.val_size]], [kept[i] for i in order[cfg.val_size:]]
     if cfg.train_subset:
         train_idx = train_idx[:cfg.train_subset]
-    test = Subset(s.test, range(min(cfg.test_subset or len(s.test), len(s.test))))
-    classes = [str(c) for c in getattr(s.train, "classes", None) or range(s.num_classes)]  # FakeData has none
-    data = Data(Subset(s.train, train_idx), Subset(s.train_plain, val_idx), test, s.num_classes, s.in_channels,
-                s.image_size, s.mean, s.std, s.resize or s.image_size, classes)
+    test = Subset(s.test, test_kept[:cfg.test_subset or len(test_kept)])
+    data = Data(Subset(s.train, train_idx), Subset(s.train_plain, val_idx), test, num_classes, s.in_channels,
+                s.image_size, s.mean, s.std, s.resize or s.image_size, classes[:num_classes])
     if pipeline(cfg, s.train, distributed) == "tensor":
         data.tensors = {name: from_subset(getattr(data, name)) for name in ("train", "val", "test")}
     data.content = content_digest(data)
     if data.tensors:
         data.tensors = {k: (x.to(device), y.to(device)) for k, (x, y) in data.tensors.items()}
     return data
+
+
+def class_subset(cfg, s, classes):
+    """The training and test indices of the first data.classes classes (all, without it), and how many classes."""
+    if not cfg.classes:
+        return list(range(len(s.train))), list(range(len(s.test))), s.num_classes
+    if cfg.classes > s.num_classes or not hasattr(s.train, "targets"):
+        raise ConfigError("data.classes", f"{cfg.classes}, but {cfg.dataset} has {s.num_classes} classes"
+                          if hasattr(s.train, "targets") else f"{cfg.dataset} has no labels to select classes by")
+    keep = lambda targets: [i for i, y in enumerate(torch.as_tensor(targets).tolist()) if y < cfg.classes]
+    return keep(s.train.targets), keep(s.test.targets), cfg.classes
 
 
 def content_digest(data):

@@ -1,4 +1,7 @@
-"""Class folders of small images (`train/<class>/*`, `test/<class>/*`, or one .tar/.tar.gz of them), decoded once.
+"""Class folders of small images, decoded once: `train/<class>/*` and `test/<class>/*` (or `val/<class>/*`, the
+ImageNet layout), as folders or as any number of .tar/.tar.gz shards whose members are laid out so (read as streams,
+one process per shard where the machine has cores, and merged). A `words.txt` (ImageNet's `<id>\t<names>` lines) or
+`classes.txt` beside them names the classes.
 
 Small images (CIFAR-10, Tiny-ImageNet at 64 px, a user's own 32-96 px data) are cheaper to hold in memory than to
 decode every epoch: decoding 60,000 JPEGs is the slow part, so the decoded arrays are stored beside the data
@@ -10,20 +13,24 @@ import hashlib
 import io
 import multiprocessing
 import os
+import re
 import tarfile
+import time
+import zlib
 from concurrent.futures import ProcessPoolExecutor
-from itertools import repeat
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from kd.errors import ConfigError
+from kd.errors import ConfigError, first_line
 from kd.log import Progress, info
 from kd.store import atomic, free_bytes
 
 SPLITS = ("train", "test")
+HELD_OUT = ("test", "val")  # the folder of the split models are tested on: test/, or val/ as ImageNet names it
+NAMES = ("words.txt", "classes.txt")  # class names: '<folder>\t<name>' lines (ImageNet's words.txt)
 SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 ARCHIVES = (".tar", ".tar.gz", ".tgz")
 FORMAT = "2"  # of the decoded file: a change decodes again
@@ -44,16 +51,27 @@ class InMemory(Dataset):
         return self.transform(Image.fromarray(self.data[i])), int(self.targets[i])
 
 
-def find_source(root):
-    """`root` itself when it holds train/ and test/ class folders, else the one archive in it; None if neither."""
+def find_sources(root):
+    """[`root`] when it holds train/ and test/ (or val/) class folders, else the archives in it (shards, merged);
+    [] if neither. Numbered shards (`train-0.tar.gz`, `train-1.tar.gz`, ...) must all be there."""
     root = Path(root)
-    if all((root / split).is_dir() for split in SPLITS):
-        return root
-    archives = sorted(p for p in root.glob("*") if p.name.endswith(ARCHIVES)) if root.is_dir() else []
-    if len(archives) > 1:
-        raise ConfigError("data.root", f"{root} holds {len(archives)} archives ({', '.join(p.name for p in archives)});"
-                          " keep one, or extract it into train/<class>/ and test/<class>/")
-    return archives[0] if archives else None
+    if (root / "train").is_dir() and any((root / split).is_dir() for split in HELD_OUT):
+        return [root]
+    archives = sorted(p for p in root.glob("*") if p.name.endswith(ARCHIVES) and p.is_file()) if root.is_dir() else []
+    numbered = {}
+    for path in archives:
+        if m := re.fullmatch(r"(.+)-(\d+)\.(tar|tar\.gz|tgz)", path.name):
+            numbered.setdefault((m[1], m[3]), set()).add(int(m[2]))
+    for (stem, ext), found in numbered.items():
+        if missing := sorted(set(range(max(found) + 1)) - found):
+            raise ConfigError("data.root", f"{root}: shard {stem}-{missing[0]}.{ext} is missing (found "
+                              f"{', '.join(f'{stem}-{k}.{ext}' for k in sorted(found))})")
+    return archives
+
+
+def _split(name):
+    """'train' or 'test' for a member's split folder (val/ is the test split), else None."""
+    return "test" if name in HELD_OUT else name if name == "train" else None
 
 
 def _entries(source):
@@ -61,27 +79,32 @@ def _entries(source):
     archive in its own order (a compressed archive reads forwards only)."""
     if source.is_dir():
         for path in sorted(source.glob("*/*/*")):
-            split, cls = path.parts[-3], path.parts[-2]
-            if split in SPLITS and path.suffix.lower() in SUFFIXES:
+            split, cls = _split(path.parts[-3]), path.parts[-2]
+            if split and path.suffix.lower() in SUFFIXES:
                 st = path.stat()
                 yield split, cls, path.relative_to(source).as_posix(), st.st_size, st.st_mtime_ns, path.read_bytes
         return
     with tarfile.open(source, "r|*") as tar:  # a stream: forwards only, each member read as it comes
         for m in tar:
             parts = Path(m.name).parts
-            if m.isfile() and len(parts) >= 3 and parts[-3] in SPLITS and Path(m.name).suffix.lower() in SUFFIXES:
-                yield parts[-3], parts[-2], m.name, m.size, m.mtime, tar.extractfile(m).read
+            if m.isfile() and len(parts) >= 3 and _split(parts[-3]) and Path(m.name).suffix.lower() in SUFFIXES:
+                yield _split(parts[-3]), parts[-2], m.name, m.size, m.mtime, tar.extractfile(m).read
+            elif m.isfile() and Path(m.name).name in NAMES:
+                yield None, None, m.name, m.size, m.mtime, tar.extractfile(m).read
 
 
-def _key(source):
-    """Changes when any image file changes: names, sizes and times (of the archive itself, for an archive)."""
+def _key(sources):
+    """Changes when any image file changes: names, sizes and times (of the archives themselves, for shards)."""
     h = hashlib.sha256(FORMAT.encode())
-    if source.is_dir():
-        for split, _, name, size, mtime, _ in _entries(source):
-            h.update(f"{name}\t{size}\t{mtime}\n".encode())
-    else:
-        st = source.stat()
-        h.update(f"{source.name}\t{st.st_size}\t{st.st_mtime_ns}".encode())
+    for source in sources:
+        if source.is_dir():
+            for split, _, name, size, mtime, _ in _entries(source):
+                h.update(f"{name}\t{size}\t{mtime}\n".encode())
+            for names in (source / n for n in NAMES if (source / n).is_file()):
+                h.update(f"{names.name}\t{names.stat().st_size}\t{names.stat().st_mtime_ns}\n".encode())
+        else:
+            st = source.stat()
+            h.update(f"{source.name}\t{st.st_size}\t{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
 
 
@@ -94,35 +117,45 @@ def _digest(arrays):
     return h.hexdigest()[:16]
 
 
-def _image(data, mode):
-    """One image file's pixels in `mode` (None: 'L' for a greyscale file, else 'RGB')."""
+def _image(data):
+    """One image file's pixels: (H, W) for a greyscale file, else (H, W, 3)."""
     with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img.convert(mode or ("L" if img.mode in ("L", "I;16", "1") else "RGB")))
+        return np.asarray(img.convert("L" if img.mode in ("L", "I;16", "1") else "RGB"))
 
 
-def _decode_chunk(files, mode):
+def _decode_chunk(files):
     """In a worker process: the pixels of (name, bytes) pairs, or (name, reason) for the first unreadable one (a
     ConfigError does not cross processes)."""
     pixels = []
     for name, data in files:
         try:
-            pixels.append(_image(data, mode))
+            pixels.append(_image(data))
         except OSError as e:
             return name, str(e)
     return pixels
 
 
-def _decode_all(files, mode):
+def _cpus():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # Linux: ours
+
+
+def _pool(n):
+    """Worker processes for `n` tasks, one per CPU (fork: they only run Pillow and start without importing anything
+    again), or None where one process will do."""
+    workers = min(_cpus(), n) if "fork" in multiprocessing.get_all_start_methods() else 1
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) if workers > 1 else None
+
+
+def _decode_all(files):
     """Pixels of every (name, bytes) pair, in order, by one process per CPU where there are enough images; an
     unreadable file is one line."""
     chunks = [files[i:i + CHUNK] for i in range(0, len(files), CHUNK)]
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # Linux: ours
-    workers = min(cpus, len(chunks)) if "fork" in multiprocessing.get_all_start_methods() else 1
-    if workers > 1:  # fork: the workers only run Pillow, and start without importing anything again
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            results = list(pool.map(_decode_chunk, chunks, repeat(mode)))
+    pool = _pool(len(chunks))
+    if pool:
+        with pool:
+            results = list(pool.map(_decode_chunk, chunks))
     else:
-        results = [_decode_chunk(chunk, mode) for chunk in chunks]
+        results = [_decode_chunk(chunk) for chunk in chunks]
     pixels = []
     for result in results:
         if isinstance(result, tuple):
@@ -131,46 +164,113 @@ def _decode_all(files, mode):
     return pixels
 
 
-def decode(source):
-    """Every image of the source as uint8 arrays per split, in a fixed order; labels by sorted class name. The
-    files are read in this process (an archive as a stream) and decoded by one process per CPU, the fastest of
-    the ways measured (docs/cifar10.md)."""
-    files = [(split, cls, name, read()) for split, cls, name, _, _, read in
-             Progress(_entries(source), f"[data] reading {source}")]
-    first = _decode_chunk([f[2:] for f in files[:1]], None)  # the first image's mode is every image's
-    mode = "L" if isinstance(first, list) and first and first[0].ndim == 2 else "RGB"
-    decoded, shape = [], None
-    for (split, cls, name, _), pixels in zip(files, _decode_all([f[2:] for f in files], mode)):
+def _read(source):
+    """(split, class, name, bytes) of every image of one source, and the text of its class-names file or None;
+    a shard that ends early or is damaged is one line naming it."""
+    files, names = [], None
+    try:
+        for split, cls, name, _, _, read in Progress(_entries(source), f"[data] reading {source}"):
+            if split is None:
+                names = read().decode("utf-8", "replace")
+            else:
+                files.append((split, cls, name, read()))
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        raise ConfigError("data.root", f"{source} cannot be read to its end ({first_line(e)}): a truncated or "
+                          "damaged archive; replace it") from None
+    if source.is_dir():
+        names = next(((source / n).read_text("utf-8", "replace") for n in NAMES if (source / n).is_file()), None)
+    return files, names
+
+
+def _read_and_decode(source):
+    """In a worker process, for one shard: (split, class, name, pixels) of its images and its class-names text, or
+    the one-line reason it cannot be used."""
+    try:
+        files, names = _read(source)
+    except ConfigError as e:
+        return str(e)
+    pixels = _decode_chunk([f[2:] for f in files])
+    if isinstance(pixels, tuple):
+        return f"data.root: {pixels[0]} in {source} is not an image Pillow can read ({pixels[1]})"
+    return [(*f[:3], p) for f, p in zip(files, pixels)], names
+
+
+def _gather(sources):
+    """(split, class, name, pixels) of every image of the sources and the class-names text: with at least as many
+    shards as CPUs, each shard read and decoded by its own process; else read here and decoded in chunks by one
+    process per CPU."""
+    if len(sources) > 1 and len(sources) >= _cpus() and (pool := _pool(len(sources))):
+        with pool:
+            results = list(pool.map(_read_and_decode, sources))
+        if errors := [r for r in results if isinstance(r, str)]:
+            key, _, message = errors[0].partition(": ")
+            raise ConfigError(key, message)
+        return [item for items, _ in results for item in items], next((n for _, n in results if n), None)
+    files, names = [], None
+    for source in sources:
+        found, text = _read(source)
+        files += found
+        names = names or text
+    return [(*f[:3], p) for f, p in zip(files, _decode_all([f[2:] for f in files]))], names
+
+
+def class_names(text, folders):
+    """Each class folder's name from a words.txt / classes.txt text ('<folder>\t<name>' lines): the folder's own
+    name where the file has none."""
+    names = dict(line.split("\t", 1) for line in (text or "").splitlines() if "\t" in line)
+    return [names.get(folder, folder).strip() for folder in folders]
+
+
+def decode(sources):
+    """Every image of the sources as uint8 arrays per split, in a fixed order; labels by sorted class folder, names
+    from words.txt / classes.txt where present. Greyscale if every image is, else RGB."""
+    decoded, names = _gather(sources)
+    seen = {}
+    for split, cls, name, _ in decoded:
+        if name in seen:
+            raise ConfigError("data.root", f"{name} is in two of the archives in {sources[0].parent}: a duplicated "
+                              "shard? keep one copy of each")
+        seen[name] = True
+    rgb = any(pixels.ndim == 3 for *_, pixels in decoded)
+    shape = None
+    for i, (split, cls, name, pixels) in enumerate(decoded):
+        if rgb and pixels.ndim == 2:
+            pixels = np.repeat(pixels[:, :, None], 3, axis=2)  # as Pillow converts L to RGB
+            decoded[i] = (split, cls, name, pixels)
         if shape is None:
             shape = pixels.shape
         elif pixels.shape != shape:
-            raise ConfigError("data.root", f"{source}: {name} is {pixels.shape[1]}x{pixels.shape[0]} where the first "
-                              f"image is {shape[1]}x{shape[0]}; a folder dataset of small images needs one size (for "
-                              "large or mixed images use dataset: imagenet)")
-        decoded.append((name, split, cls, pixels))
-    decoded.sort(key=lambda d: d[0])  # then a fixed shuffle, as CIFAR-10's batches: any first N cover every class
+            raise ConfigError("data.root", f"{name} is {pixels.shape[1]}x{pixels.shape[0]} where the first image is "
+                              f"{shape[1]}x{shape[0]}; a folder dataset of small images needs one size (for large or "
+                              "mixed images use dataset: imagenet at a size above 64)")
+    decoded.sort(key=lambda d: d[2])  # then a fixed shuffle, as CIFAR-10's batches: any first N cover every class
     decoded = [decoded[i] for i in np.random.default_rng(0).permutation(len(decoded))]
-    classes = {split: sorted({cls for _, s, cls, _ in decoded if s == split}) for split in SPLITS}
+    classes = {split: sorted({cls for s, cls, _, _ in decoded if s == split}) for split in SPLITS}
+    where = ", ".join(str(s) for s in sources)
     if not classes["train"] or not classes["test"]:
-        raise ConfigError("data.root", f"{source} holds no images under train/<class>/ and test/<class>/")
+        raise ConfigError("data.root", f"{where} holds no images under train/<class>/ and test/<class>/ (or "
+                          "val/<class>/)")
     if classes["train"] != classes["test"]:
-        raise ConfigError("data.root", f"{source}: train/ and test/ have different class folders")
+        odd = sorted(set(classes["train"]) ^ set(classes["test"]))
+        lacking = "test/ (or val/)" if odd[0] in classes["train"] else "train/"
+        raise ConfigError("data.root", f"class {odd[0]} has no images in {lacking} of {where} ({len(odd)} class(es) "
+                          "are in one split only); every class needs training and test images")
     label = {cls: i for i, cls in enumerate(classes["train"])}
-    arrays = {"classes": np.array(classes["train"])}
+    arrays = {"classes": np.array(classes["train"]), "names": np.array(class_names(names, classes["train"]))}
     for split in SPLITS:
-        mine = [d for d in decoded if d[1] == split]
+        mine = [d for d in decoded if d[0] == split]
         arrays[f"{split}_images"] = np.stack([pixels for *_, pixels in mine])
-        arrays[f"{split}_labels"] = np.array([label[cls] for _, _, cls, _ in mine], dtype=np.int64)
+        arrays[f"{split}_labels"] = np.array([label[cls] for _, cls, _, _ in mine], dtype=np.int64)
     return arrays
 
 
 def load_decoded(root):
-    """The decoded arrays of the folders or archive under `root` (see find_source), from `decoded-<key>.npz` beside
-    them when it matches the files and is intact, else decoded now and stored there."""
-    source = find_source(root)
-    if source is None:
+    """The decoded arrays of the folders or archives under `root` (see find_sources), from `decoded-<key>.npz`
+    beside them when it matches the files and is intact, else decoded now and stored there."""
+    sources = find_sources(root)
+    if not sources:
         return None
-    path = Path(root) / f"decoded-{_key(source)}.npz"
+    path = Path(root) / f"decoded-{_key(sources)}.npz"
     if path.exists():
         try:
             with np.load(path, allow_pickle=False) as f:
@@ -180,7 +280,8 @@ def load_decoded(root):
         except Exception:  # a damaged zip fails in many ways; the file is derived, so decode again
             pass
         info(f"[data] {path} is damaged; decoding again")
-    arrays = decode(source)
+    start = time.perf_counter()
+    arrays = decode(sources)
     need, free = sum(a.nbytes for a in arrays.values()), free_bytes(path)
     if need > free:
         raise ConfigError("data.root", f"storing the decoded images needs {need / 2**20:.0f} MiB but {root} has "
@@ -191,7 +292,7 @@ def load_decoded(root):
         if old != path:
             old.unlink()
     decoded = sum(len(arrays[f"{s}_labels"]) for s in SPLITS)
-    info(f"[data] decoded {decoded} images into {path} ({need / 2**20:.0f} MiB)")
+    info(f"[data] decoded {decoded} images into {path} ({need / 2**20:.0f} MiB) in {time.perf_counter() - start:.1f} s")
     return arrays
 
 
@@ -200,7 +301,7 @@ def splits(root, train_tf, eval_tf):
     arrays = load_decoded(root)
     if arrays is None:
         return None
-    classes = [str(c) for c in arrays["classes"]]
+    classes = [str(c) for c in arrays.get("names", arrays["classes"])]
     train = (InMemory(arrays["train_images"], arrays["train_labels"], classes, tf) for tf in (train_tf, eval_tf))
     return *train, InMemory(arrays["test_images"], arrays["test_labels"], classes, eval_tf), classes
 

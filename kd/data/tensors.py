@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils.data import Subset
 
 _M32 = 0xFFFFFFFF
-_AUG, _ORDER = 1, 2  # domain tags: augmentation and epoch order never share a key
+_AUG, _ORDER, _RESIZED = 1, 2, 3  # domain tags: padded crops, epoch order and resized crops never share a key
 
 
 def _mul32(x, c):
@@ -44,6 +44,37 @@ def aug_params(indices, seed, view, crop_padding, hflip):
     span = 2 * crop_padding + 1
     flip = (h[:, 2] & 1).bool() if hflip else torch.zeros_like(indices, dtype=torch.bool)
     return h[:, 0] % span, h[:, 1] % span, flip
+
+
+def resized_crop_params(indices, seed, view, scale, hflip, height, width):
+    """Random-resized crops as torchvision draws them (area a uniform fraction in `scale` of the image's, aspect
+    ratio log-uniform in 3/4-4/3, position uniform), with one draw per sample hashed from (seed, view, index), so
+    a crop is replayable like the padded one; a crop larger than the image is clamped to it. Returns top, left,
+    crop height and width, and flips."""
+    u = _key(_RESIZED, seed, view, indices.long()[:, None], torch.arange(5, device=indices.device)).double() / 2**32
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * u[:, 0])
+    ratio = torch.exp(math.log(3 / 4) + math.log(16 / 9) * u[:, 1])
+    h = torch.sqrt(area / ratio).round().clamp(1, height)
+    w = torch.sqrt(area * ratio).round().clamp(1, width)
+    top, left = (u[:, 2] * (height - h + 1)).floor(), (u[:, 3] * (width - w + 1)).floor()
+    flip = u[:, 4] < 0.5 if hflip else torch.zeros_like(indices, dtype=torch.bool)
+    return top, left, h, w, flip
+
+
+def resized_crop(images_u8, top, left, h, w, flip, mean, std):
+    """Each image's crop (rows top..top+h, columns left..left+w, mirrored where `flip`) resized bilinearly back to
+    the image's size, then ToTensor + Normalize: one affine resampling of the whole batch."""
+    b, c, height, width = images_u8.shape
+    theta = torch.zeros(b, 2, 3, dtype=torch.float32, device=images_u8.device)
+    theta[:, 0, 0] = (w / width * torch.where(flip, -1.0, 1.0)).float()  # half-extents in [-1, 1] coordinates
+    theta[:, 1, 1] = (h / height).float()
+    theta[:, 0, 2] = ((2 * left + w) / width - 1).float()  # the crop's centre
+    theta[:, 1, 2] = ((2 * top + h) / height - 1).float()
+    grid = F.affine_grid(theta, [b, c, height, width], align_corners=False)
+    x = F.grid_sample(images_u8.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    return x.div_(255).sub_(mean).div_(std)
 
 
 def normalize(images_u8, mean, std):
@@ -125,13 +156,18 @@ class TensorLoader:
     def __iter__(self):
         order, bs, cfg = self.order(), self.batch_size, self.augment_cfg
         view = torch.tensor(self.view, device=self.device)  # a tensor, so a compiled step takes every view alike
-        if cfg is not None:  # the epoch's crops and flips, in its order, at once: not ~90 small ops every batch
+        if cfg is not None and cfg.resized_crop:  # the epoch's crops and flips, in its order, at once
+            params = resized_crop_params(order, self.aug_seed, self.view, cfg.resized_crop, cfg.hflip,
+                                         *self.images.shape[2:])
+        elif cfg is not None:
             params = aug_params(order, self.aug_seed, self.view, cfg.crop_padding, cfg.hflip)
         for start in range(0, len(self) * bs, bs):
             idx = order[start:start + bs]
             x = self.images[idx]
             if cfg is None:
                 x = normalize(x, self.mean, self.std)
+            elif cfg.resized_crop:
+                x = resized_crop(x, *(p[start:start + bs] for p in params), self.mean, self.std)
             else:
                 x = augment(x, *(p[start:start + bs] for p in params), cfg.crop_padding, self.mean, self.std)
             yield Batch(x, self.labels[idx], idx, view)

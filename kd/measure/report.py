@@ -51,6 +51,7 @@ def markdown(report):
         f"; the teacher learnt from {of(learnt['teacher'])}, the students from {of(learnt['student'])}"
     notes = [f"Study `{m['study']}` on {m['dataset']} ({m['train_images']} train / {m['val_images']} val / "
              f"{m['test_images']} test images{subsets}), {m['date']}.",
+             classes_line(m.get("classes", [])),
              f"Device: {m['device']}; torch {m['torch']}. Latency: median (p90) of {m['repeats']} forward passes "
              f"after {m['warmup']} warm-up passes, inputs already on the device, fp32. Peak memory: one forward pass "
              f"at batch {b}, weights and input included ({m['memory_method']}).",
@@ -86,6 +87,12 @@ def markdown(report):
     return "\n".join(lines + [""] + notes) + "\n"
 
 
+def classes_line(classes, shown=8):
+    """The classes the models tell apart, as their names (ImageNet's words where the data has them)."""
+    more = f"; and {len(classes) - shown} more" if len(classes) > shown else ""
+    return f"{len(classes)} classes: " + "; ".join(classes[:shown]) + more + "."
+
+
 def int8_losses(models):
     """(model, test top-1 lost by its int8 copy against PyTorch) for every model quantized."""
     return [(n, r["deploy"]["pytorch"]["test_top1"] - r["deploy"]["onnxruntime-int8"]["test_top1"])
@@ -118,7 +125,8 @@ def write_report(run_dir, cfg, data, device, rows, facts):
     report = {"meta": {"study": cfg.name, "dataset": cfg.data.dataset, "train_images": len(data.train),
                        "teacher_train_images": len(data.first(cfg.teacher.train.subset).train),
                        "student_train_images": len(data.first(cfg.train.subset).train),
-                       "val_images": len(data.val), "test_images": len(data.test), "device": device_name(device),
+                       "val_images": len(data.val), "test_images": len(data.test), "classes": list(data.classes),
+                       "device": device_name(device),
                        "torch": torch.__version__, "eval_batch_size": cfg.eval.batch_size, "warmup": cfg.eval.warmup,
                        "repeats": cfg.eval.repeats,
                        "memory_method": "CUDA max_memory_allocated" if device.type == "cuda"

@@ -14,14 +14,19 @@ SMALL_IMAGE = 64  # at or below this size, ResNets keep full resolution in the s
 
 
 @MODELS.register("resnet18")
-def resnet18(in_channels, num_classes, image_size, stem_stride: int = 1):
+def resnet18(in_channels, num_classes, image_size, stem_stride: int = 1, stem: str = "auto"):
     """torchvision's ResNet-18; for small images a 3x3 stem without max-pool, of stride 1 as is standard for CIFAR
-    (`stem_stride: 2` halves the resolution of every stage: a quarter of the compute, for quick teachers)."""
-    if stem_stride not in (1, 2) or (stem_stride != 1 and image_size > SMALL_IMAGE):
-        raise ValueError(f"stem_stride must be 1 or 2 and applies to images of {SMALL_IMAGE} px or less, got "
-                         f"{stem_stride} for {image_size} px")
+    (`stem_stride: 2` halves the resolution of every stage: a quarter of the compute, for quick teachers).
+    `stem: imagenet` keeps ImageNet's 7x7 stride-2 stem and max-pool at any size (at 64 px a 16th of the small
+    stem's compute); `small` and `auto` (small at 64 px or less) the small-image one."""
+    small = stem == "small" or stem == "auto" and image_size <= SMALL_IMAGE
+    if stem not in ("auto", "small", "imagenet") or stem == "small" and image_size > SMALL_IMAGE:
+        raise ValueError(f"stem must be auto, small (images of {SMALL_IMAGE} px or less) or imagenet, got {stem!r} "
+                         f"for {image_size} px")
+    if stem_stride not in (1, 2, 4) or (stem_stride != 1 and not small):
+        raise ValueError(f"stem_stride must be 1, 2 or 4 and applies to the small-image stem, got {stem_stride}")
     model = torchvision.models.resnet18(num_classes=num_classes)
-    if image_size <= SMALL_IMAGE:
+    if small:
         model.conv1 = nn.Conv2d(in_channels, 64, 3, stem_stride, 1, bias=False)
         model.maxpool = nn.Identity()
     elif in_channels != 3:
