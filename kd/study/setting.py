@@ -1,5 +1,6 @@
 """What the teacher, the students and the measurements of a study share: the config, the runtime decided at
 start-up, the data, the run folder and the clock; and the one way a model is built, trained and evaluated."""
+import dataclasses
 from pathlib import Path
 
 from kd.config import to_dict, validate_runtime
@@ -60,7 +61,7 @@ class Setting:
         loaded and returns the facts of its training. Batch order follows the run's seed; augmentation always the
         study's seed, the one the teacher cache replays (`views` of it)."""
         if self.profile:
-            run = Run(run.name, run.folder, run.fingerprint, run.seed, run.card, Path(run.folder) / "profile.txt")
+            run = dataclasses.replace(run, profile=Path(run.folder) / "profile.txt")
         loaders = (train_loader(self.data.first(recipe.cfg.subset), self.cfg.data, self.device, run.seed,
                                 views=views, aug_seed=self.cfg.seed, rank=self.runtime.rank,
                                 world=self.runtime.world),
