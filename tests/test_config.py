@@ -275,7 +275,7 @@ STUDY_ERRORS = [
     pytest.param("train.subset=33", "train.subset: 33 is more than the 32 training images", id="subset"),
     pytest.param("stages.1.logit.name=KD", "stages[1].logit: unknown logit loss 'KD' (did you mean 'kd'?", id="case"),
     pytest.param("teacher.train.subset=0", "teacher.train.subset: must be >= 1 or null, got 0", id="subset-0"),
-    pytest.param("teacher.kwargs.stem_stride=3", "teacher.kwargs: model 'resnet18': stem_stride must be 1 or 2",
+    pytest.param("teacher.kwargs.stem_stride=3", "teacher.kwargs: model 'resnet18': stem_stride must be 1, 2 or 4",
                  id="stem-stride"),
     pytest.param("student.kwargs.chanels=[8]", "student.kwargs.chanels: unknown key (did you mean 'channels'?",
                  id="model-kwargs"),

@@ -19,6 +19,8 @@ CPU = torch.device("cpu")
 def test_shipped_students_are_at_least_10x_cheaper_than_the_teacher(path, dataset_shapes):
     cfg = load_config(path)
     c, size, classes = dataset_shapes[cfg.data.dataset]
+    if cfg.data.dataset == "imagenet":  # ImageNet-style data at the config's size and class count (Tiny-ImageNet)
+        size, classes = cfg.data.image_size, cfg.data.classes or classes
     teacher = create_model(cfg.teacher.name, "teacher", cfg.teacher.kwargs, c, classes, size)
     student = create_model(cfg.student.name, "student", cfg.student.kwargs, c, classes, size)
     assert count_parameters(teacher) >= 10 * count_parameters(student)

@@ -74,7 +74,7 @@ def test_without_words_the_folder_names_name_the_classes(tmp_path):
     ("truncated", "train-1.tar.gz cannot be read to its end"),
     ("duplicated", "is in two of the archives"),
     ("class", "class n02 has no images in test/ (or val/)"),
-    ("layout", "holds no images under train/<class>/ and test/<class>/"),
+    ("layout", "no ImageNet-style folders in "),
 ])
 def test_a_bad_shard_is_one_line_naming_it(tmp_path, one_error_line, fault, expected):
     root = tiny_shards(tmp_path / "data", shards=3, val_classes=("n01",) if fault == "class" else None)

@@ -175,15 +175,15 @@ SMALL = 64  # images up to this size are decoded once and held in memory (kd/dat
 @DATASETS.register("imagenet")
 def imagenet(cfg):
     """ImageNet-style data: train/<class>/* and val/<class>/* (val is the test split), as folders or as .tar(.gz)
-    shards of them. At data.image_size 64 or less (Tiny-ImageNet) the images are decoded once and trained in memory
-    like CIFAR-10 (they must have that size); larger ones are read from the folders by a DataLoader, resized."""
+    shards of them. Images that already have data.image_size, 64 px or less (Tiny-ImageNet), are decoded once and
+    trained in memory like CIFAR-10; others are read from the folders by a DataLoader and resized."""
     size = cfg.image_size
     mean, std = normalisation(cfg, 3, lambda: ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
-    if size <= SMALL and (found := folders.splits(cfg.root, *small_image_transforms(cfg, size, mean, std))):
-        train, plain, test, classes = found
-        if train.data.shape[1:] != (size, size, 3):
-            raise ConfigError("data.image_size", f"{size}, but the images in {cfg.root} are "
-                              f"{'x'.join(map(str, train.data.shape[1:]))}; set it to their size")
+    if size <= SMALL and folders.first_image_size(cfg.root) == (size, size):
+        train, plain, test, classes = folders.splits(cfg.root, *small_image_transforms(cfg, size, mean, std))
+        if train.data.ndim != 4:
+            raise ConfigError("data.root", f"the images in {cfg.root} are all greyscale; dataset: imagenet takes "
+                              "colour images (dataset: folders takes greyscale ones)")
         return Splits(train, plain, test, len(classes), 3, size, mean, std)
     scale = tuple(cfg.augment.resized_crop or (0.08, 1.0))  # torchvision's default, ImageNet's usual one
     train_tf = T.Compose([T.RandomResizedCrop(size, scale=scale)] + ([T.RandomHorizontalFlip()] if cfg.augment.hflip
@@ -197,7 +197,8 @@ def imagenet(cfg):
         test = torchvision.datasets.ImageFolder(root / "val", transform=eval_tf)
     except (FileNotFoundError, OSError) as e:
         raise ConfigError("data.root", f"no ImageNet-style folders in {root} ({e}); expected train/<class>/*.jpg "
-                          "and val/<class>/*.jpg") from None
+                          "and val/<class>/*.jpg, as folders, or as .tar/.tar.gz shards of images of data.image_size "
+                          "(64 px or less)") from None
     if train.classes != test.classes:
         raise ConfigError("data.root", f"{root}/train and {root}/val have different class folders")
     plain = torchvision.datasets.ImageFolder(root / "train", transform=eval_tf)

@@ -214,6 +214,18 @@ def _gather(sources):
     return [(*f[:3], p) for f, p in zip(files, _decode_all([f[2:] for f in files]))], names
 
 
+def first_image_size(root):
+    """(height, width) of the first image of the folders or shards under `root`, read alone; None without any."""
+    sources = find_sources(root)
+    try:
+        for *_, read in (entry for source in sources for entry in _entries(source) if entry[0]):
+            with Image.open(io.BytesIO(read())) as img:
+                return img.height, img.width
+    except (tarfile.TarError, EOFError, zlib.error, OSError):
+        return None  # decoding names the damaged file or shard
+    return None
+
+
 def class_names(text, folders):
     """Each class folder's name from a words.txt / classes.txt text ('<folder>\t<name>' lines): the folder's own
     name where the file has none."""
