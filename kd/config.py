@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from kd.errors import ConfigError, KDError, did_you_mean
+from kd.errors import ConfigError, KDError, did_you_mean, short
 from kd.registry import coerce
 
 
@@ -43,9 +43,38 @@ def _unique_keys(loader, node, deep=False):
 YAMLLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_keys)
 
 
-def load_yaml(text):
-    return yaml.load(text, Loader=YAMLLoader)
+MAX_VALUES = 100_000  # a config holds a few hundred values; aliases that expand past this are refused
 
+
+def load_yaml(text):
+    """The document, refused when its aliases expand it past MAX_VALUES values (an alias bomb: a few lines that
+    stand for billions of values, which printing or copying would try to build)."""
+    data = yaml.load(text, Loader=YAMLLoader)
+    if expanded_size(data) > MAX_VALUES:
+        raise yaml.YAMLError(f"its aliases (*name) expand it to more than {MAX_VALUES:,} values; write the values "
+                             "out, or use fewer nested aliases")
+    return data
+
+
+def expanded_size(data):
+    """How many values `data` holds once every alias is written out: each shared node counted once per use, in
+    time linear in the distinct nodes."""
+    sizes = {}
+
+    def size(node):
+        if not isinstance(node, (dict, list)):
+            return 1
+        if id(node) not in sizes:
+            sizes[id(node)] = 0  # a node that contains itself (a recursive alias) ends here
+            items = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+            sizes[id(node)] = min(1 + sum(size(item) for item in items), MAX_VALUES + 1)
+        return sizes[id(node)]
+    return size(data)
+
+
+# Bounds far past any sensible study, so a slip (an extra zero, 1e30) is caught at start-up rather than as an
+# overflow or an allocation failure hours in.
+MAX_EPOCHS, MAX_LR, MAX_IMAGE_SIZE, MAX_NAME = 100_000, 100.0, 4096, 100
 
 # off, auto (per device: kd/device.py resolve_compile) or one of torch.compile's modes
 COMPILE_MODES = ("off", "auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
@@ -107,7 +136,8 @@ class DataConfig:
     std: list[float] | None = None
 
     def validate(self, key):
-        _check(self.image_size >= 8, f"{key}.image_size", "must be >= 8", self.image_size)
+        _check(8 <= self.image_size <= MAX_IMAGE_SIZE, f"{key}.image_size", f"must be in [8, {MAX_IMAGE_SIZE}]",
+               self.image_size)
         _check(self.val_size >= 1, f"{key}.val_size", "must be >= 1", self.val_size)
         for name in ("train_subset", "test_subset", "classes"):
             v = getattr(self, name)
@@ -116,7 +146,9 @@ class DataConfig:
         _check(self.eval_batch_size >= 1, f"{key}.eval_batch_size", "must be >= 1", self.eval_batch_size)
         _check(self.num_workers >= 0, f"{key}.num_workers", "must be >= 0", self.num_workers)
         _choice(self.pipeline, ("auto", "tensor", "loader"), f"{key}.pipeline")
-        _check(self.std is None or min(self.std) > 0, f"{key}.std", "must be > 0", self.std)
+        for name in ("mean", "std"):
+            _check(getattr(self, name) != [], f"{key}.{name}", "must list one value per channel, or be null", [])
+        _check(not self.std or min(self.std) > 0, f"{key}.std", "must be > 0", self.std)
         self.augment.validate(f"{key}.augment")
 
 
@@ -148,10 +180,10 @@ class TrainConfig:
     checkpoint_seconds: float = _setting(60.0)
 
     def validate(self, key):
-        _check(self.epochs >= 0, f"{key}.epochs", "must be >= 0", self.epochs)
+        _check(0 <= self.epochs <= MAX_EPOCHS, f"{key}.epochs", f"must be in [0, {MAX_EPOCHS}]", self.epochs)
         _check(self.subset is None or self.subset >= 1, f"{key}.subset", "must be >= 1 or null", self.subset)
         _choice(self.optimizer, ("sgd", "adamw"), f"{key}.optimizer")
-        _check(self.lr > 0, f"{key}.lr", "must be > 0", self.lr)
+        _check(0 < self.lr <= MAX_LR, f"{key}.lr", f"must be in (0, {MAX_LR}]", self.lr)
         _check(0 <= self.momentum < 1, f"{key}.momentum", "must be in [0, 1)", self.momentum)
         _check(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0", self.weight_decay)
         _choice(self.schedule, ("cosine", "onecycle", "step", "constant"), f"{key}.schedule")
@@ -291,7 +323,8 @@ class Config:
         return self.seeds or [self.seed]
 
     def validate(self):
-        _check(_folder_name(self.name), "name", "must be a plain folder name (no '/', not '.' or '..')", self.name)
+        _check(_folder_name(self.name), "name", f"must be a plain folder name (no '/', not '.' or '..', printable, "
+               f"at most {MAX_NAME} bytes)", self.name)
         for key, seed in [("seed", self.seed), ("data.split_seed", self.data.split_seed),
                           *((f"seeds[{i}]", s) for i, s in enumerate(self.seeds or []))]:
             _check(0 <= seed < 2 ** 32, key, "must be in [0, 2**32)", seed)
@@ -309,7 +342,8 @@ class Config:
         names = [s.name for s in self.stages]
         for i, s in enumerate(self.stages):
             _check(_folder_name(s.name) and s.name != "teacher" and names.count(s.name) == 1,
-                   f"stages[{i}].name", "must be a unique plain folder name other than 'teacher'", s.name)
+                   f"stages[{i}].name", "must be a unique plain folder name other than 'teacher' "
+                   f"(printable, at most {MAX_NAME} bytes)", s.name)
             for j, f in enumerate(s.features):
                 _check(all(f.student) and all(f.teacher) and f.student and f.teacher, f"stages[{i}].features[{j}]",
                        "needs both 'student' and 'teacher' layer names", f"{f.student!r}/{f.teacher!r}")
@@ -317,41 +351,71 @@ class Config:
                 _choice(f.io, ("output", "input"), f"stages[{i}].features[{j}].io")
 
 
-def validate_runtime(cfg, device, world, in_memory, train_images):
-    """The checks that need the machine or the data, run as soon as both are known, before any work."""
+def validate_runtime(cfg, device, world, data, memory):
+    """The checks that need the machine or the data, run as soon as both are known, before any work. `data`: the
+    study's kd.data.datasets.Data; `memory`: bytes free for tensors on `device`."""
+    train_images = len(data.train)
     for key, train_cfg in (("teacher.train.subset", cfg.teacher.train), ("train.subset", cfg.train)):
         if train_cfg.subset and train_cfg.subset > train_images:
             raise ConfigError(key, f"{train_cfg.subset} is more than the {train_images} training images "
                                    "(data.train_subset, less data.val_size)")
+    fewest = min(train_cfg.subset or train_images for train_cfg in (cfg.teacher.train, cfg.train))
+    if cfg.data.batch_size > fewest:
+        raise ConfigError("data.batch_size", f"{cfg.data.batch_size} is more than the {fewest} images a model "
+                          "trains on, so no full batch could be drawn; lower it")
     if cfg.data.batch_size % world:
         raise ConfigError("data.batch_size", f"{cfg.data.batch_size} does not split evenly over {world} processes")
+    image_bytes = 4 * data.in_channels * data.image_size ** 2  # one fp32 input image
+    for key, batch in (("data.batch_size", cfg.data.batch_size), ("data.eval_batch_size", cfg.data.eval_batch_size),
+                       ("eval.batch_size", cfg.eval.batch_size)):
+        if batch * image_bytes > memory / 2:
+            raise ConfigError(key, f"{batch} images of {data.in_channels}x{data.image_size}x{data.image_size} take "
+                              f"{human_bytes(batch * image_bytes)} before any activation, more than half of the "
+                              f"{human_bytes(memory)} free on {device}; lower it")
+    if cfg.cache.mode != "off" and cfg.cache.topk and cfg.cache.topk > data.num_classes:
+        raise ConfigError("cache.topk", f"{cfg.cache.topk} is more than the {data.num_classes} classes; lower it, "
+                          "or set null to keep every logit")
     for key, train_cfg in (("teacher.train.amp", cfg.teacher.train), ("train.amp", cfg.train)):
         if train_cfg.amp == "fp16" and device.type != "cuda":
             raise ConfigError(key, "fp16 needs a CUDA device; use auto, bf16 or off on a CPU")
-    if cfg.cache.mode != "off" and not in_memory:
+    if cfg.cache.mode != "off" and not data.tensors:
         raise ConfigError("cache.mode", "the teacher cache replays the tensor pipeline's augmentations; it needs "
                                         "an in-memory dataset (cifar10, fashion_mnist) in one process")
 
 
+def human_bytes(n):
+    """Bytes as a person reads them: never '0.00 GiB' for a few MiB."""
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} bytes"
+
+
 def _folder_name(name):
-    """A name that stays one folder inside its parent: nothing that climbs out or nests."""
-    return bool(name) and name not in (".", "..") and not set("/\\") & set(name)
+    """A name that stays one folder inside its parent on any file system: nothing that climbs out or nests, no
+    control characters (a NUL, a newline), text that encodes (no lone surrogate), and short enough for a path."""
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return (0 < len(encoded) <= MAX_NAME and name not in (".", "..") and not set("/\\") & set(name)
+            and name.isprintable())
 
 
 def _check(ok, key, message, value):
     if not ok:
-        raise ConfigError(key, f"{message}, got {value!r}")
+        raise ConfigError(key, f"{message}, got {short(value)}")
 
 
 def _choice(value, choices, key):
     if value not in choices:
-        raise ConfigError(key, f"unknown value '{value}' ({did_you_mean(value, choices)})")
+        raise ConfigError(key, f"unknown value {short(value)} ({did_you_mean(value, choices)})")
 
 
 def from_dict(cls, raw, key=""):
     """Build a dataclass from a YAML mapping, rejecting unknown keys (with a did-you-mean) and wrong types."""
     if not isinstance(raw, dict):
-        raise ConfigError(key, f"expected a mapping, got {raw!r}")
+        raise ConfigError(key, f"expected a mapping, got {short(raw)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     raw = dict(raw)
@@ -379,7 +443,7 @@ def _convert(value, hint, key):
             return None
         if typing.get_origin(hint) is list:
             if not isinstance(value, list):
-                raise ConfigError(key, f"expected a list, got {value!r}")
+                raise ConfigError(key, f"expected a list, got {short(value)}")
             return [from_dict(inner[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
         return from_dict(inner[0], value, key)
     return coerce(value, hint, key)

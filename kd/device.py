@@ -106,6 +106,18 @@ def fused_optimizer(device):
     return device.type == "cuda"
 
 
+def free_memory(device):
+    """Bytes free for tensors on `device`: the GPU's free memory, or the memory the operating system can give
+    (MemAvailable on Linux, else the free physical pages)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)

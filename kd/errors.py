@@ -2,6 +2,7 @@
 import contextlib
 import difflib
 import re
+import reprlib
 import sysconfig
 import traceback
 from pathlib import Path
@@ -17,13 +18,22 @@ class ConfigError(KDError):
         self.key = key
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 1, 4, 4, 60, 60
+
+
+def short(value):
+    """A value as a one-line message shows it: a few items of a long list, a long text cut."""
+    return _SHORT.repr(value)
+
+
 def did_you_mean(name, choices):
     """The closest choice, whatever its case (`KD` -> `kd`), and all of them."""
     choices = sorted(str(c) for c in choices)
     if not choices:
         return "nothing can be set here"
     lower = {c.lower(): c for c in choices}
-    close = difflib.get_close_matches(str(name).lower(), list(lower), n=1)
+    close = difflib.get_close_matches(short(name).strip("'").lower(), list(lower), n=1)
     hint = f"did you mean '{lower[close[0]]}'? " if close else ""
     return f"{hint}choose from: {', '.join(choices)}"
 

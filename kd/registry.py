@@ -4,7 +4,7 @@ import math
 import types
 import typing
 
-from kd.errors import ConfigError, describe, did_you_mean
+from kd.errors import ConfigError, describe, did_you_mean, short
 
 
 class Registry:
@@ -103,11 +103,11 @@ def coerce(value, hint, key):
         raise errors[0]
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(key, f"expected a list, got {value!r}")
+            raise ConfigError(key, f"expected a list, got {short(value)}")
         return [coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
-            raise ConfigError(key, f"expected a mapping, got {value!r}")
+            raise ConfigError(key, f"expected a mapping, got {short(value)}")
         return dict(value)
     if hint is typing.Any:
         return value
@@ -116,7 +116,7 @@ def coerce(value, hint, key):
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float) and isinstance(value, bool) or not isinstance(value, hint):
-        raise ConfigError(key, f"expected {hint.__name__}, got {value!r}")
+        raise ConfigError(key, f"expected {hint.__name__}, got {short(value)}")
     if hint is float and not math.isfinite(value):
-        raise ConfigError(key, f"expected a finite number, got {value!r}")
+        raise ConfigError(key, f"expected a finite number, got {short(value)}")
     return value

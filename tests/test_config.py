@@ -72,8 +72,9 @@ def test_method_parameters_sit_beside_the_name(tmp_path):
     pytest.param({"train": {"lr": "fast"}}, "train.lr: expected float, got 'fast'", id="str-for-float"),
     pytest.param({"train": {"milestones": 3}}, "train.milestones: expected a list, got 3", id="int-for-list"),
     pytest.param({"train": 5}, "train: expected a mapping, got 5", id="int-for-section"),
-    pytest.param({"train": {"lr": -0.1}}, "train.lr: must be > 0, got -0.1", id="negative-lr"),
-    pytest.param({"teacher": {"train": {"lr": 0}}}, "teacher.train.lr: must be > 0, got 0.0", id="zero-teacher-lr"),
+    pytest.param({"train": {"lr": -0.1}}, "train.lr: must be in (0, 100.0], got -0.1", id="negative-lr"),
+    pytest.param({"teacher": {"train": {"lr": 0}}}, "teacher.train.lr: must be in (0, 100.0], got 0.0",
+                 id="zero-teacher-lr"),
     pytest.param({"train": {"schedule": "cos"}},
                  "train.schedule: unknown value 'cos' (did you mean 'cosine'? choose from: constant, cosine, onecycle, "
                  "step)",
@@ -94,8 +95,26 @@ def test_method_parameters_sit_beside_the_name(tmp_path):
     pytest.param({"stages": [{"name": "teacher"}]},
                  "stages[0].name: must be a unique plain folder name other than 'teacher'", id="stage-named-teacher"),
     pytest.param({"stages": [{"name": ".."}]}, "stages[0].name: must be a unique plain folder name", id="stage-dotdot"),
-    pytest.param({"name": ".."}, "name: must be a plain folder name (no '/', not '.' or '..'), got '..'",
+    pytest.param({"name": ".."}, "name: must be a plain folder name (no '/', not '.' or '..', printable, at most 100 "
+                 "bytes), got '..'",
                  id="study-dotdot"),
+    pytest.param({"train": {"lr": 1e300}}, "train.lr: must be in (0, 100.0], got 1e+300", id="astronomic-lr"),
+    pytest.param({"teacher": {"train": {"epochs": 10 ** 20}}}, "teacher.train.epochs: must be in [0, 100000], got "
+                 "100000000000000000000", id="endless-epochs"),
+    pytest.param({"data": {"image_size": 100_000}}, "data.image_size: must be in [8, 4096], got 100000",
+                 id="vast-images"),
+    pytest.param({"data": {"std": []}}, "data.std: must list one value per channel, or be null, got []",
+                 id="empty-std"),
+    pytest.param({"data": {"mean": []}}, "data.mean: must list one value per channel, or be null, got []",
+                 id="empty-mean-is-not-the-default"),
+    pytest.param({"name": "run\x00one"}, "name: must be a plain folder name", id="nul-in-name"),
+    pytest.param({"name": "tab\tbed"}, "name: must be a plain folder name", id="control-character-in-name"),
+    pytest.param({"stages": [{"name": "ok\udc80"}]}, "stages[0].name: must be a unique plain folder name",
+                 id="lone-surrogate-in-stage"),
+    pytest.param({"stages": [{"name": "s" * 300}]}, "stages[0].name: must be a unique plain folder name other than "
+                 "'teacher' (printable, at most 100 bytes), got 'sssss", id="name-too-long-for-a-folder"),
+    pytest.param({"train": {"amp": ["x"] * 1000}}, "train.amp: expected str, got ['x', 'x', 'x', 'x', ...]",
+                 id="long-value-shown-short"),
     pytest.param({"seed": -1}, "seed: must be in [0, 2**32), got -1", id="negative-seed"),
     pytest.param({"seeds": [0, 2 ** 40]}, "seeds[1]: must be in [0, 2**32), got 1099511627776", id="huge-seed"),
     pytest.param({"train": {"lr": float("inf")}}, "train.lr: expected a finite number, got inf", id="inf-lr"),
@@ -156,8 +175,9 @@ def test_bad_override(tmp_path, override, expected):
 # --- Methods' parameters: checked when the study builds them ----------------------------------------------------------
 
 @pytest.mark.parametrize("params, expected", [
-    ({"temperature": 0}, "stages[1].logit: logit loss 'kd': temperature must be > 0, got 0.0"),
-    ({"temperature": -2.0}, "stages[1].logit: logit loss 'kd': temperature must be > 0, got -2.0"),
+    ({"temperature": 0}, "stages[1].logit: logit loss 'kd': temperature must be in (0, 100.0], got 0.0"),
+    ({"temperature": -2.0}, "stages[1].logit: logit loss 'kd': temperature must be in (0, 100.0], got -2.0"),
+    ({"temperature": 1e308}, "stages[1].logit: logit loss 'kd': temperature must be in (0, 100.0], got 1e+308"),
     ({"alpha": -0.1}, "stages[1].logit: logit loss 'kd': alpha must be in [0, 1], got -0.1"),
     ({"alpha": 1.5}, "stages[1].logit: logit loss 'kd': alpha must be in [0, 1], got 1.5"),
     ({"temperature": "hot"}, "stages[1].logit.temperature: expected float, got 'hot'"),
@@ -217,7 +237,7 @@ def test_a_misspelt_key_in_a_method_entry_offers_the_entry_keys_too(smoke_config
 @pytest.mark.parametrize("updates, sets, expected", [
     ({"trian": {"epochs": 1}}, (), "trian: unknown key (did you mean 'train'?"),
     ({"train": {"epochs": "ten"}}, (), "train.epochs: expected int, got 'ten'"),
-    ({"train": {"lr": -1}}, (), "train.lr: must be > 0, got -1.0"),
+    ({"train": {"lr": -1}}, (), "train.lr: must be in (0, 100.0], got -1.0"),
     ({}, ("train.schedule=cos",), "train.schedule: unknown value 'cos' (did you mean 'cosine'?"),
     ({}, ("stages.2.name=x",), "--set stages.2: no list item 2 (the list has 1)"),
 ])
@@ -257,7 +277,8 @@ def fake_study(tmp_path):
 
 
 STUDY_ERRORS = [
-    pytest.param("stages.1.logit.temperature=0", "stages[1].logit: logit loss 'kd': temperature must be > 0, got 0.0",
+    pytest.param("stages.1.logit.temperature=0",
+                 "stages[1].logit: logit loss 'kd': temperature must be in (0, 100.0], got 0.0",
                  id="temperature"),
     pytest.param("stages.1.logit.alpha=1.5", "stages[1].logit: logit loss 'kd': alpha must be in [0, 1], got 1.5",
                  id="alpha"),
@@ -296,3 +317,32 @@ def test_cli_study_error_before_training(fake_study, one_error_line, override, e
     assert line.startswith(f"error: {path}: {expected}"), line
     assert not (tmp_path / "teacher.pt").exists()
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_alias_bomb_is_refused_before_it_is_built(tmp_path, one_error_line):
+    """Nine lines of nested aliases stand for 10**9 values: refused by counting, never built or printed."""
+    lines = ["name: bomb", "stages: [{name: b}]", "data:", "  l0: &l0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 9)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    line = one_error_line.cli("--config", path)
+    assert "aliases (*name) expand it to more than 100,000 values" in line and len(line) < 300, line
+
+
+def test_a_few_aliases_are_still_welcome(tmp_path):
+    """Anchors that share one recipe between the teacher and the students are how YAML avoids repeating it."""
+    path = tmp_path / "shared.yaml"
+    path.write_text("name: s\nstages: [{name: b}]\ntrain: &recipe {epochs: 3, lr: 0.1}\nteacher: {train: *recipe}\n")
+    cfg = load_config(path)
+    assert (cfg.teacher.train.epochs, cfg.teacher.train.lr) == (3, 0.1)
+
+
+@pytest.mark.parametrize("sets, expected", [
+    (("data.batch_size=64", "train.subset=32"),
+     "data.batch_size: 64 is more than the 32 images a model trains on"),
+    (("eval.batch_size=100000000",), "eval.batch_size: 100000000 images of 3x16x16 take"),
+    (("cache.mode=logits", "cache.topk=11"), "cache.topk: 11 is more than the 10 classes"),
+])
+def test_sizes_beyond_the_data_or_the_memory_stop_before_any_training(smoke_config, one_error_line, sets, expected):
+    line = one_error_line.study(smoke_config(), *(a for s in sets for a in ("--set", s)))
+    assert expected in line, line

@@ -238,7 +238,7 @@ def test_every_method_trains_without_reading_a_value_on_the_host(name, teacher_s
 
 @pytest.mark.parametrize("method, params, expected", [
     ("dkd", {"beta": -1.0}, "logit loss 'dkd': beta must be >= 0, got -1.0"),
-    ("dkd", {"temperature": 0.0}, "logit loss 'dkd': temperature must be > 0, got 0.0"),
+    ("dkd", {"temperature": 0.0}, "logit loss 'dkd': temperature must be in (0, 100.0], got 0.0"),
     ("dkd", {"betta": 8}, "betta: unknown key (did you mean 'beta'?"),
     ("dist", {"gamma": -2.0}, "logit loss 'dist': gamma must be >= 0, got -2.0"),
     ("dist", {"temprature": 4}, "temprature: unknown key (did you mean 'temperature'?"),

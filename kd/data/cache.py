@@ -10,21 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kd.config import to_dict
+from kd.config import human_bytes, to_dict
 from kd.device import autocast
 from kd.errors import ConfigError, KDError
 from kd.log import Progress, info
 from kd.store import file_digest, fingerprint, free_bytes, read_json, write_json
 
 FORMAT = 3
-
-
-def size(n):
-    """Bytes as a person reads them: never '0.00 GiB' for a few MiB."""
-    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} bytes"
 
 
 class TeacherCache:
@@ -70,8 +62,8 @@ class TeacherCache:
             return
         need, free = cls.nbytes(plan), free_bytes(folder)
         if need > free:
-            raise ConfigError("cache.dir", f"the teacher cache needs {size(need)} but {folder.parent} has "
-                              f"{size(free)} free; free space, point cache.dir elsewhere, lower cache.views "
+            raise ConfigError("cache.dir", f"the teacher cache needs {human_bytes(need)} but {folder.parent} has "
+                              f"{human_bytes(free)} free; free space, point cache.dir elsewhere, lower cache.views "
                               "or use cache: logits")
 
     @classmethod

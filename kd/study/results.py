@@ -1,9 +1,10 @@
 """Measuring and reporting: every model's inference cost on the same inputs and settings, one after another in one
 process, its deployment when asked for, then report.json, report.md and the pictures."""
+import contextlib
 import os
 
 from kd.data.datasets import eval_loaders, plain_train_images
-from kd.errors import ConfigError
+from kd.errors import ConfigError, first_line
 from kd.log import info
 from kd.measure.evaluate import profile
 from kd.measure.metrics import measured, over_seeds
@@ -13,6 +14,19 @@ from kd.measure.report import write_report
 def row(result):
     """A Result as one flat report row (training facts beside the accuracy), without its identity."""
     return {k: v for k, v in {**vars(result), **result.training}.items() if k not in ("training", "identity")}
+
+
+@contextlib.contextmanager
+def out_of_memory(key, what):
+    """An allocation the device refuses, as one line naming the config key that sized it: the models' results are
+    stored already, so the next run goes straight to measuring."""
+    try:
+        yield
+    except RuntimeError as e:  # torch.OutOfMemoryError on a GPU; 'can't allocate memory' on a CPU
+        if "memory" not in str(e):
+            raise
+        raise ConfigError(key, f"out of memory {what} ({first_line(e)}); lower it, and run again: every trained "
+                          "model is kept") from None
 
 
 def deploy_module():
@@ -44,8 +58,9 @@ def measure(setting, teacher, students, rows):
     for name, summary in rows.items():
         model, path, folder, card = (teacher if name == "teacher" else students).deployable(summary)
         info(f"[{name}] measuring inference cost on {s.device}")
-        summary.update(profile(model, s.image_shape, s.device, s.cfg.eval, layout),
-                       checkpoint_bytes=os.path.getsize(path), **measured(model, s.image_shape, s.device))
+        with out_of_memory("eval.batch_size", f"measuring {name} at batch {s.cfg.eval.batch_size}"):
+            summary.update(profile(model, s.image_shape, s.device, s.cfg.eval, layout),
+                           checkpoint_bytes=os.path.getsize(path), **measured(model, s.image_shape, s.device))
         if d.onnx:
             summary["deploy"] = deploy.measure(name, model, card, s.folder.model(folder), os.path.getsize(path),
                                                test, calibration, s.cfg.eval)

@@ -6,7 +6,7 @@ from pathlib import Path
 from kd.config import to_dict, validate_runtime
 from kd.data.datasets import build_data, eval_loaders, sample_batch, train_loader
 from kd.deploy import card as cards
-from kd.device import barrier, setup
+from kd.device import barrier, free_memory, setup
 from kd.errors import KDError
 from kd.log import Clock, info
 from kd.measure.evaluate import accuracy
@@ -31,8 +31,7 @@ class Setting:
             self.data = build_data(cfg.data, self.device, distributed=self.runtime.world > 1)
         if self.main:
             barrier()
-        validate_runtime(cfg, self.device, self.runtime.world, in_memory=bool(self.data.tensors),
-                         train_images=len(self.data.train))
+        validate_runtime(cfg, self.device, self.runtime.world, self.data, free_memory(self.device))
         self.student_data = self.data.first(cfg.train.subset)  # what every student (and the teacher cache) sees
         self.folder = RunFolder(cfg.run_dir)
         self.sample = sample_batch(self.data)  # (images, labels) on the CPU, for dry passes

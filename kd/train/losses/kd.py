@@ -11,9 +11,12 @@ def standardize(logits):
     return (logits - logits.mean(1, keepdim=True)) / (logits.std(1, keepdim=True) + 1e-7)
 
 
+MAX_TEMPERATURE = 100.0  # past any published use; far larger ones overflow the T**2 gradient scale
+
+
 def check_temperature(temperature):
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 < temperature <= MAX_TEMPERATURE:
+        raise ValueError(f"temperature must be in (0, {MAX_TEMPERATURE}], got {temperature}")
 
 
 @LOGIT_LOSSES.register("kd")
