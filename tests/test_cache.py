@@ -165,8 +165,9 @@ def test_changes_that_alter_teacher_outputs_rebuild(make_study, changes, capsys)
 
 def test_students_of_a_subset_replay_a_cache_of_their_images_only(make_study):
     study = make_study(train={"subset": 40})
-    assert study.students.cache_plan()[2]["logits"][0] == (2, 40, 10)
-    assert study.students.cache_plan()[1] != make_study().students.cache_plan()[1]  # another subset, another cache
+    assert study.students.cache_plan().arrays["logits"][0] == (2, 40, 10)
+    # another subset, another cache
+    assert study.students.cache_plan().folder != make_study().students.cache_plan().folder
     cache = study.students.cache()
     setting = study.setting
     loader = train_loader(setting.student_data, setting.cfg.data, setting.device, setting.cfg.seed, views=2)
@@ -211,7 +212,7 @@ def test_cache_that_would_not_fit_is_refused(make_study, monkeypatch):
     usage = shutil.disk_usage("/")
     monkeypatch.setattr(kd.store.shutil, "disk_usage", lambda path: usage._replace(free=1000))
     study = make_study()
-    need = TeacherCache.nbytes(study.students.cache_plan()[2])
+    need = TeacherCache.nbytes(study.students.cache_plan().arrays)
     assert 2 ** 10 < need < 2 ** 20  # the sizes say so in KiB and bytes, not as '0.00 GiB'
     with pytest.raises(KDError, match=rf"cache.dir: the teacher cache needs {need / 2 ** 10:.2f} KiB but .* has "
                                       r"1000 bytes free"):

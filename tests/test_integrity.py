@@ -276,6 +276,23 @@ def test_a_cache_dir_that_is_a_file_stops_the_run_before_the_teacher_trains(make
     assert not (tmp_path / "teacher.pt").exists()
 
 
+def test_another_studys_cache_copied_in_is_never_replayed(make_study, tmp_path, capsys):
+    """The arrays and manifest of a cache made from another teacher, copied over this study's: each verifies against
+    its own manifest, but the manifest records the teacher and data it was made from, so it is rebuilt."""
+    folder = make_study().students.cache().folder
+    pristine = (folder / "logits.npy").read_bytes()
+    other = make_study(cache={"dir": str(tmp_path / "other")}, teacher={"checkpoint": str(tmp_path / "other.pt")},
+                       seed=1).students.cache().folder
+    assert (other / "logits.npy").read_bytes() != pristine
+    for file in other.iterdir():
+        shutil.copy(file, folder / file.name)
+    capsys.readouterr()
+    make_study().students.cache()
+    out = capsys.readouterr().out
+    assert f"[cache] {folder} holds outputs made from something else (identity.seed: 1 -> 0" in out, out
+    assert (folder / "logits.npy").read_bytes() == pristine
+
+
 def test_an_identically_retrained_teacher_reuses_the_cache(make_study, tmp_path, capsys):
     folder = make_study().students.cache().folder
     ckpt = kd.store.load(tmp_path / "teacher.pt", "")

@@ -6,6 +6,7 @@ A per-index cache without views (as in torchdistill) would pair outputs with the
 """
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -14,9 +15,18 @@ from kd.config import human_bytes, to_dict
 from kd.device import autocast
 from kd.errors import ConfigError, KDError
 from kd.log import Progress, info
-from kd.store import file_digest, fingerprint, free_bytes, read_json, write_json
+from kd.store import canonical, differences, file_digest, fingerprint, free_bytes, read_json, write_json
 
-FORMAT = 3
+FORMAT = 4
+
+
+class CachePlan(NamedTuple):
+    """Where a cache lies, its arrays (name -> (shape, dtype)), and what it is made from: the teacher's weights, the
+    images and their augmentation, the precision, the cache's settings, recorded in its manifest and checked on
+    every open, so outputs copied in from another study's cache are never replayed."""
+    folder: Path
+    arrays: dict
+    made_from: dict
 
 
 class TeacherCache:
@@ -37,9 +47,11 @@ class TeacherCache:
 
     @staticmethod
     def locate(cfg, identity, feature_shapes, n, num_classes):
-        """The cache's folder, keyed by everything that shapes the stored outputs, and its plan: array name ->
-        (shape, dtype). `identity`: what comes from outside (the training images, augmentation and its seed, the
-        teacher's weights, the precision); the cache adds its own settings and the recorded layers' shapes."""
+        """The cache's CachePlan: its folder keyed by everything that shapes the stored outputs. `identity`: what
+        comes from outside (the training images' content, augmentation and its seed, the teacher's weights digest,
+        the precision); the cache adds its own settings and the recorded layers' shapes."""
+        made_from = canonical({"format": FORMAT, "identity": identity, "cache": to_dict(cfg, "results"),
+                               "layers": feature_shapes})
         key = fingerprint(FORMAT, identity, to_dict(cfg, "results"), feature_shapes)
         arrays = {}
         if cfg.topk and cfg.topk < num_classes:
@@ -49,35 +61,38 @@ class TeacherCache:
             arrays["logits"] = ((cfg.views, n, num_classes), np.float16)
         for layer, shape in feature_shapes.items():
             arrays[f"feature.{layer}"] = ((cfg.views, n, *shape), np.float16)
-        return Path(cfg.dir) / key, arrays
+        return CachePlan(Path(cfg.dir) / key, arrays, made_from)
 
     @staticmethod
     def nbytes(plan):
         return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in plan.values())
 
     @classmethod
-    def ensure_room(cls, folder, plan):
+    def ensure_room(cls, plan):
         """Refuse, before anything is written, a cache that is not on disk yet and would not fit."""
+        folder = plan.folder
         if (folder / "manifest.json").exists():
             return
-        need, free = cls.nbytes(plan), free_bytes(folder)
+        need, free = cls.nbytes(plan.arrays), free_bytes(folder)
         if need > free:
             raise ConfigError("cache.dir", f"the teacher cache needs {human_bytes(need)} but {folder.parent} has "
                               f"{human_bytes(free)} free; free space, point cache.dir elsewhere, lower cache.views "
                               "or use cache: logits")
 
     @classmethod
-    def open_or_build(cls, folder, plan, teacher, taps, loader, num_classes, recipe):
-        """Reuse the intact cache in `folder`, build it otherwise. `loader` is the students' training loader,
+    def open_or_build(cls, plan, teacher, taps, loader, num_classes, recipe):
+        """Reuse the intact cache of `plan`, build it otherwise. `loader` is the students' training loader,
         unshuffled: the cache records the very pixels they train on."""
-        manifest = cls.read_valid_manifest(folder, plan)
+        manifest = cls.read_valid_manifest(plan)
         if manifest is None:
-            manifest = cls.build(folder, plan, teacher, taps, loader, num_classes, recipe)
-        return cls(folder, manifest, recipe.device)
+            manifest = cls.build(plan, teacher, taps, loader, num_classes, recipe)
+        return cls(plan.folder, manifest, recipe.device)
 
     @staticmethod
-    def read_valid_manifest(folder, plan):
-        """The manifest of a complete, intact cache for `plan`, or None (with the reason) to rebuild it."""
+    def read_valid_manifest(plan):
+        """The manifest of a complete, intact cache made from what `plan` says, or None (with the reason) to
+        rebuild it."""
+        folder = plan.folder
         path = folder / "manifest.json"
         if not path.exists():
             if folder.exists():
@@ -88,8 +103,12 @@ class TeacherCache:
         except KDError:
             info(f"[cache] {path} is damaged; rebuilding")
             return None
+        if manifest.get("made_from") != plan.made_from:
+            changed = "; ".join(differences(manifest.get("made_from") or {}, plan.made_from, most=2))
+            info(f"[cache] {folder} holds outputs made from something else ({changed}); rebuilding")
+            return None
         start, total = time.perf_counter(), 0
-        for name, (shape, _) in plan.items():
+        for name, (shape, _) in plan.arrays.items():
             file, entry = folder / f"{name}.npy", manifest["arrays"].get(name, {})
             if not file.exists() or file.stat().st_size != entry.get("bytes") or entry.get("shape") != list(shape):
                 info(f"[cache] {file} is missing, truncated or of another shape; rebuilding")
@@ -102,20 +121,21 @@ class TeacherCache:
         return manifest
 
     @classmethod
-    def build(cls, folder, plan, teacher, taps, loader, num_classes, recipe):
+    def build(cls, plan, teacher, taps, loader, num_classes, recipe):
         """One teacher pass per view over `loader`, in inference mode, in the students' precision and memory
         format (`recipe`), as a live teacher would run inside their training step."""
-        cls.ensure_room(folder, plan)
-        views = next(iter(plan.values()))[0][0]
-        info(f"[cache] building {cls.nbytes(plan) / 2**20:.1f} MiB of teacher outputs in {folder} ({views} views)")
+        cls.ensure_room(plan)
+        folder, views = plan.folder, next(iter(plan.arrays.values()))[0][0]
+        info(f"[cache] building {cls.nbytes(plan.arrays) / 2**20:.1f} MiB of teacher outputs in {folder} "
+             f"({views} views)")
         try:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "manifest.json").unlink(missing_ok=True)
             arrays = {name: np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
-                      for name, (shape, dtype) in plan.items()}
+                      for name, (shape, dtype) in plan.arrays.items()}
         except OSError as e:
             raise ConfigError("cache.dir", f"cannot write the teacher cache in {folder} ({e.strerror or e})") from None
-        layers = [name.split(".", 1)[1] for name in plan if name.startswith("feature.")]
+        layers = [name.split(".", 1)[1] for name in plan.arrays if name.startswith("feature.")]
         teacher.eval()
         taps.take()
         for view in range(views):
@@ -136,10 +156,12 @@ class TeacherCache:
                     arrays[f"feature.{layer}"][view, rows] = features[layer].float().cpu().numpy()
         for array in arrays.values():
             array.flush()
-        files = {name: folder / f"{name}.npy" for name in plan}
+        files = {name: folder / f"{name}.npy" for name in plan.arrays}
         manifest = {"format": FORMAT, "views": views, "size": loader.dataset_size, "num_classes": num_classes,
+                    "made_from": plan.made_from,
                     "arrays": {name: {"shape": list(shape), "bytes": files[name].stat().st_size,
-                                      "digest": file_digest(files[name])} for name, (shape, _) in plan.items()}}
+                                      "digest": file_digest(files[name])}
+                               for name, (shape, _) in plan.arrays.items()}}
         write_json(folder / "manifest.json", manifest)
         return manifest
 

@@ -39,7 +39,7 @@ class Students:
                          f"stages[{i}]")
         if any(self.replays(stage) for stage in self.cfg.stages):
             writable_folder(self.cfg.cache.dir, "cache.dir")
-            TeacherCache.ensure_room(*self.cache_plan()[1:])
+            TeacherCache.ensure_room(self.cache_plan())
 
     def distiller(self, stage, seed, cache=None):
         """A fresh student of `seed` with the stage's methods, distilling from the teacher (or its `cache`)."""
@@ -108,8 +108,8 @@ class Students:
         return self.setting.card(self.cfg.student, name, fingerprint)
 
     def cache_plan(self):
-        """The teacher cache's folder and plan: it holds the teacher layers of every stage's feature pairs, so all
-        students of the study share it."""
+        """The teacher cache's CachePlan (kd/data/cache.py): it holds the teacher layers of every stage's feature
+        pairs, so all students of the study share it."""
         s, c = self.setting, self.cfg.cache
         layers = self.teacher.taps.keys if c.mode == "logits+features" else []
         with torch.no_grad():
@@ -120,15 +120,15 @@ class Students:
         n = len(s.student_data.train)
         identity = {"data": data, "images": n, "teacher": self.teacher.digest, "seed": self.cfg.seed,
                     "amp": s.runtime.student.amp}
-        return c, *TeacherCache.locate(c, identity, shapes, n, s.data.num_classes)
+        return TeacherCache.locate(c, identity, shapes, n, s.data.num_classes)
 
     def cache(self):
         """Built (or found on disk and verified) once, at the first stage that replays it."""
         if self._cache is None:
             s = self.setting
-            c, folder, plan = self.cache_plan()
+            c = self.cfg.cache
             loader = train_loader(s.student_data, self.cfg.data, s.device, self.cfg.seed, views=c.views,
                                   shuffle=False, batch_size=c.batch_size)
-            self._cache = TeacherCache.open_or_build(folder, plan, self.teacher.model, self.teacher.taps, loader,
+            self._cache = TeacherCache.open_or_build(self.cache_plan(), self.teacher.model, self.teacher.taps, loader,
                                                      s.data.num_classes, s.runtime.student)
         return self._cache
