@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+import kd.device
 import kd.store
 import run
 
@@ -340,3 +341,16 @@ def test_a_foreign_error_in_a_one_line_message_loses_its_escape_codes_and_is_cut
 def test_differences_name_a_key_that_one_identity_lacks():
     """A field added to the config (unset in an identity recorded before it existed) is named, not hidden."""
     assert kd.store.differences({"a": 1}, {"a": 1, "b": None}) == ["b: '(unset)' -> None"]
+
+
+def test_a_stage_trained_in_fp32_is_not_reused_where_auto_means_bf16(smoke_config, monkeypatch, capsys,
+                                                                        one_error_line):
+    """`amp: auto` is fp32 on a CPU without native bf16 and bf16 on one with it: a stage's identity records the
+    precision that trained it, so its result is never reported as the other's."""
+    path = smoke_config(stages=[{"name": "baseline"}], eval={"repeats": 1, "warmup": 0})
+    monkeypatch.setattr(kd.device, "native_bf16", lambda device: False)
+    assert run.main(["--config", str(path), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(kd.device, "native_bf16", lambda device: True)
+    line = one_error_line.study(path)
+    assert "baseline: finished under a different config (train.amp: 'fp32' -> 'bf16')" in line, line

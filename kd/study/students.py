@@ -61,7 +61,9 @@ class Students:
         """What makes a stage's student for one seed, and its Result if it finished under exactly that."""
         identity = canonical({
             "data": self.setting.data_identity(), "student": to_dict(self.cfg.student, "results"),
-            "train": to_dict(self.cfg.train, "results"), "stage": to_dict(stage, "results"),
+            # the precision that trains it, not the request: `amp: auto` is bf16 on one machine and fp32 on another
+            "train": {**to_dict(self.cfg.train, "results"), "amp": self.setting.runtime.student.precision},
+            "stage": to_dict(stage, "results"),
             "seed": self.cfg.seed, "student_seed": seed,
             "teacher": self.teacher.digest if stage.uses_teacher else None,
             "cache": to_dict(self.cfg.cache, "results") if self.replays(stage) else None})
