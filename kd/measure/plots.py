@@ -1,6 +1,5 @@
 """Pictures of a finished study, written beside its report: accuracy against batch-1 latency (one point per model
-and runtime), and the training curves of every model trained in the run. matplotlib, headless."""
-import csv
+and runtime), and the training curves of every model, as their results record them. matplotlib, headless."""
 import statistics
 from pathlib import Path
 
@@ -9,7 +8,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
-from kd.store import atomic  # noqa: E402
+from kd.log import info  # noqa: E402
+from kd.store import atomic, read_json  # noqa: E402
 
 MARKERS = {"pytorch": "o", "onnxruntime": "s", "onnxruntime-int8": "^"}
 
@@ -41,20 +41,20 @@ def accuracy_vs_latency(report):
 
 
 def curves(run_dir, names):
-    """{label: [(epoch, train loss, val top-1 %)]} from each model's metrics.csv (several seeds: their mean per
-    epoch), for the models in `names` trained in this run folder."""
+    """{label: [(epoch, train loss, val top-1 %)]} from each model's result.json in the run folder (several seeds:
+    their mean per epoch): the curve its training recorded, under the result's digest, so a metrics.csv edited or
+    copied from elsewhere changes nothing drawn. A result without one (made before results held curves) is named."""
     out = {}
     for name in names:
-        files = sorted(Path(run_dir, name).glob("**/metrics.csv"))
-        runs = [list(csv.DictReader(f.read_text().splitlines())) for f in files]
-        runs = [r for r in runs if r]
-        if not runs:
+        files = sorted(Path(run_dir, name).glob("**/result.json"))
+        runs = [read_json(f, "run the study again to measure it anew")["training"].get("curve") for f in files]
+        if not runs or not all(run and run["epoch"] for run in runs):
+            info(f"[plots] {name}: no training curve recorded in its result.json; left out of training_curves.png")
             continue
-        epochs = min(len(r) for r in runs)
-        mean = lambda e, key: statistics.fmean(float(r[e][key]) for r in runs)
+        epochs = min(len(run["epoch"]) for run in runs)
+        mean = lambda e, key: statistics.fmean(run[key][e] for run in runs)
         label = name if len(runs) == 1 else f"{name} (mean of {len(runs)} seeds)"
-        out[label] = [(int(runs[0][e]["epoch"]), mean(e, "train_loss"), 100 * mean(e, "val_top1"))
-                      for e in range(epochs)]
+        out[label] = [(runs[0]["epoch"][e], mean(e, "train_loss"), 100 * mean(e, "val_top1")) for e in range(epochs)]
     return out
 
 

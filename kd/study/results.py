@@ -12,8 +12,8 @@ from kd.measure.report import write_report
 
 
 def row(result):
-    """A Result as one flat report row (training facts beside the accuracy), without its identity."""
-    return {k: v for k, v in {**vars(result), **result.training}.items() if k not in ("training", "identity")}
+    """A Result as one flat report row (training facts beside the accuracy), without its identity and curve."""
+    return {k: v for k, v in {**vars(result), **result.training}.items() if k not in ("training", "identity", "curve")}
 
 
 @contextlib.contextmanager

@@ -175,11 +175,14 @@ class Trainer:
         return self.best
 
     def facts(self):
-        """What the training of this model records in its Result: its best epoch and mean throughput, and the size
-        of the methods' own modules (connectors, heads, memory banks), trained and saved with it, never deployed."""
+        """What the training of this model records in its Result: its best epoch and mean throughput, the size of
+        the methods' own modules (connectors, heads, memory banks), trained and saved with it, never deployed, and
+        its curve (per epoch: training loss, validation top-1), which the pictures draw: covered by the result's
+        digest, unlike metrics.csv, which is for reading."""
         mean = lambda key: statistics.fmean(r[key] for r in self.history) if self.history else None
         methods = [m for m in (self.distiller.features, self.distiller.logit) if m is not None]
-        return {"best_epoch": self.best["epoch"], "epochs": self.cfg.epochs,
+        curve = {key: [row[key] for row in self.history] for key in ("epoch", "train_loss", "val_top1")}
+        return {"best_epoch": self.best["epoch"], "epochs": self.cfg.epochs, "curve": curve,
                 "train_images_per_s": mean("train_images_per_s"), "epoch_seconds": mean("epoch_seconds"),
                 "method_params": sum(p.numel() for m in methods for p in m.parameters()),
                 "method_state_bytes": sum(t.numel() * t.element_size()
