@@ -1,5 +1,5 @@
-"""Deployment: checkpoints that describe their model, ONNX export and int8, the report's deployment table, the
-plots, and `run.py predict` / `run.py export`."""
+"""Deployment: checkpoints that describe their model, ONNX export and int8, the report's deployment table, and
+`run.py predict` / `run.py export`."""
 import json
 import sys
 import tarfile
@@ -21,7 +21,6 @@ from kd.data.tensors import normalize  # noqa: E402
 from kd.deploy import card as cards  # noqa: E402
 from kd.deploy import export  # noqa: E402
 from kd.errors import ConfigError  # noqa: E402
-from kd.measure import plots  # noqa: E402
 from kd.study.study import Study  # noqa: E402
 from kd.train.models import MODELS  # noqa: E402
 
@@ -144,37 +143,6 @@ def test_a_study_exports_and_measures_every_model_in_every_runtime(smoke_config,
     assert run.main(["--config", str(cfg), "--device", "cpu", "--set", "deploy.onnx=false"]) == 0
     assert "[kd] added its card" in capsys.readouterr().out
     assert cards.load_checkpoint(folder / "kd" / "best.pt")[1] == card
-
-
-def test_plots_hold_one_point_per_model_and_runtime_and_one_curve_per_model(tmp_path):
-    scales = (("pytorch", 1, 0), ("onnxruntime", 0.5, 0), ("onnxruntime-int8", 0.3, 0.01))
-    runtimes = lambda ms, top1: {rt: {"latency_b1_ms": ms * f, "test_top1": top1 - d} for rt, f, d in scales}
-    report = {"meta": {"study": "s", "deploy": {"cpu": "x"}},
-              "models": {"teacher": {"deploy": runtimes(20, 0.9)}, "kd": {"deploy": runtimes(1, 0.8)}}}
-    for folder, losses, accs in (("teacher", (2.0, 1.0), (0.5, 0.7)), ("kd/seed0", (3.0, 2.0), (0.4, 0.6)),
-                                 ("kd/seed1", (1.0, 1.0), (0.2, 0.4))):
-        (tmp_path / folder).mkdir(parents=True)
-        rows = [f"{e + 1},0.1,{loss},{acc}" for e, (loss, acc) in enumerate(zip(losses, accs))]
-        (tmp_path / folder / "metrics.csv").write_text("epoch,lr,train_loss,val_top1\n" + "\n".join(rows) + "\n")
-
-    ax = plots.accuracy_vs_latency(report).axes[0]
-    labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert labels == [f"{m} ({rt})" for m in ("teacher", "kd") for rt in ("pytorch", "onnxruntime", "onnxruntime-int8")]
-    assert tuple(ax.containers[-1].lines[0].get_xydata()[0]) == pytest.approx((0.3, 79.0))
-    assert not any(c.has_yerr for c in ax.containers)  # the deployment table's rows are single seeds
-    seeds = {"meta": {"study": "s"}, "models": {"kd": {"latency_b1_ms": 1.0, "test_top1": 0.8, "test_top1_std": 0.01}}}
-    bars = plots.accuracy_vs_latency(seeds).axes[0].containers[0]
-    assert bars.has_yerr and bars.lines[2][0].get_segments()[0][:, 1] == pytest.approx([79.0, 81.0])
-
-    loss_ax, acc_ax = plots.training_curves(tmp_path, ["teacher", "kd"]).axes
-    assert [line.get_label() for line in acc_ax.get_lines()] == ["teacher", "kd (mean of 2 seeds)"]
-    assert list(loss_ax.get_lines()[1].get_ydata()) == [2.0, 1.5] and list(acc_ax.get_lines()[1].get_ydata()) == \
-        pytest.approx([30.0, 50.0])
-
-    paths = plots.write_plots(tmp_path, report)
-    for path, size in zip(paths, ((840, 540), (1200, 480))):
-        image = Image.open(path)
-        assert image.format == "PNG" and image.size == size
 
 
 def test_a_teacher_whose_card_expects_other_classes_is_refused(make_study, make_config, tmp_path):
