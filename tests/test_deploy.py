@@ -1,6 +1,8 @@
 """Deployment: checkpoints that describe their model, ONNX export and int8, the report's deployment table, and
 `run.py predict` / `run.py export`."""
 import json
+import os
+import signal
 import sys
 import tarfile
 from pathlib import Path
@@ -166,12 +168,14 @@ def test_bad_model_and_image_files_get_one_line_each(tmp_path, capsys, one_error
     wider = {**small_card(), "model": {"name": "cnn", "kwargs": {"channels": [16, 32], "blocks": 1}}}
     kd.store.save({"model": cards.build(small_card()).state_dict(), "card": wider}, tmp_path / "wrong_card.pt")
     for model, says in (("missing.pt", "no such model file"), ("garbage.pt", "is damaged"),
-                        ("garbage.onnx", "not an ONNX file"), ("no_card.pt", "carries no card"),
-                        ("wrong_card.pt", "weights do not fit the model its card describes")):
+                        ("garbage.onnx", "not an ONNX file"),
+                        ("no_card.pt", "carries no card"),
+                        ("wrong_card.pt", "weights do not fit the model its card describes (size mismatch for ")):
         assert says in one_error_line.cli("predict", tmp_path / model, image)
     assert "carries no card" in one_error_line.cli("export", tmp_path / "no_card.pt")
-    for missing, says in (("missing.pt", "missing.pt: no such file"), ("", "a folder, not a file")):
-        line = one_error_line.cli("export", tmp_path / missing)
+    for command, missing, says in (("export", "missing.pt", "missing.pt: no such file"),
+                                   ("export", "", "a folder, not a file")):
+        line = one_error_line.cli(command, tmp_path / missing, *([image] if command == "predict" else []))
         assert says in line and "damaged" not in line, line
 
     kd.store.save({"model": cards.build(small_card()).state_dict(), "card": small_card()}, tmp_path / "ok.pt")
@@ -180,8 +184,79 @@ def test_bad_model_and_image_files_get_one_line_each(tmp_path, capsys, one_error
                      str(tmp_path / "gone.png")]) == 2
     captured = capsys.readouterr()
     assert captured.err.splitlines() == [f"error: {tmp_path / 'text.jpg'}: not an image file",
-                                         f"error: {tmp_path / 'gone.png'}: not found"]
+                                         f"error: {tmp_path / 'gone.png'}: no such file"]
     assert captured.out.startswith(f"{image}: class")  # the good image is still predicted
+
+
+@MODELS.register("ten_scores")
+class TenScores(torch.nn.Module):
+    """Ten scores per image, whatever number of classes it is built for."""
+
+    def __init__(self, in_channels, num_classes, image_size):
+        super().__init__()
+        self.fc = torch.nn.Linear(in_channels * image_size ** 2, 10)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def test_checkpoint_cards_that_are_not_valid_are_one_line(tmp_path, one_error_line):
+    image = tmp_path / "i.png"
+    Image.new("L", (28, 28), 128).save(image)
+    state = cards.build(small_card()).state_dict()
+    card, i = small_card(), small_card()["input"]
+    for name, broken, says in (
+            ("text", "not a card", "a str, not a mapping"),
+            ("no_model", {k: v for k, v in card.items() if k != "model"}, "model.name (a text)"),
+            ("channels", {**card, "input": {**i, "channels": 2}}, "input.channels is 2, not 1 or 3"),
+            ("huge", {**card, "input": {**i, "image_size": 10 ** 9}}, "input.image_size is 1000000000, not a "),
+            ("std", {**card, "input": {**i, "std": [0.0]}}, "input.std is [0.0], not 1 number(s) above 0"),
+            ("classes", {**card, "classes": "abc"}, "classes is 'abc', not a list of class names"),
+            ("unknown", {**card, "model": {"name": "nonesuch", "kwargs": {}}}, "describes no model this toolkit"),
+            ("three", {**card, "classes": ["a", "b", "c"]}, "weights do not fit the model its card describes "
+                                                            "(size mismatch for "),
+            ("ten", {**card, "model": {"name": "ten_scores", "kwargs": {}}, "classes": ["a", "b", "c"]},
+             "its card lists 3 classes but its model gives 10 scores per image")):
+        weights = cards.build(broken).state_dict() if name == "ten" else state
+        kd.store.save({"model": weights, "card": broken}, tmp_path / f"{name}.pt")
+        for command in (("predict", tmp_path / f"{name}.pt", image), ("export", tmp_path / f"{name}.pt")):
+            line = one_error_line.cli(*command)
+            assert line.startswith(f"error: {tmp_path / name}.pt: ") and says in line, line
+    # a teacher checkpoint whose card is not valid is compared with the study's as differing, not a traceback
+    assert cards.mismatch("not a card", card) == ["card: a str, not a mapping"]
+
+
+def test_image_inputs_that_are_not_plain_image_files_are_one_line_each(tmp_path, capsys, one_error_line):
+    kd.store.save({"model": cards.build(small_card()).state_dict(), "card": small_card()}, tmp_path / "ok.pt")
+    good = tmp_path / "good.png"
+    Image.new("L", (28, 28), 128).save(good)
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "broken.png").symlink_to(tmp_path / "nowhere.png")
+    os.mkfifo(tmp_path / "fifo.png")  # opening it would wait for a writer forever
+    Image.new("1", (15000, 15000)).save(tmp_path / "bomb.png")  # 225 million pixels in a few kB
+    Image.new("1", (10000, 10000)).save(tmp_path / "huge.png")  # over Pillow's warning limit, under its error one
+    assert (tmp_path / "bomb.png").stat().st_size < 100_000
+    says = {"folder.png": "a folder, not a file", "broken.png": "no such file (a link to a missing one)",
+            "fifo.png": "not a regular file (a pipe, socket or device)",
+            "bomb.png": "too large to decode safely (Image size (225000000 pixels) exceeds limit of",
+            "huge.png": "too large to decode safely (Image size (100000000 pixels) exceeds limit of"}
+
+    def hung(*_):
+        raise TimeoutError("an image file was opened before its type was checked, and blocked")
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        assert run.main(["predict", str(tmp_path / "ok.pt"), *(str(tmp_path / n) for n in says), str(good)]) == 2
+        captured = capsys.readouterr()
+        for name, err in zip(says, captured.err.splitlines(), strict=True):
+            assert err.startswith(f"error: {tmp_path / name}: {says[name]}"), err
+        assert captured.out.startswith(f"{good}: class")
+        for name in says:
+            line = one_error_line.cli("export", tmp_path / "ok.pt", "--images", good, tmp_path / name)
+            assert line.startswith(f"error: {tmp_path / name}: {says[name]}"), line
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.mark.slow
