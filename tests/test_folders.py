@@ -1,10 +1,13 @@
 """Folder datasets of small images: decoded once and kept beside the data, served by the tensor pipeline like
-CIFAR-10; and real CIFAR-10 (../shared/data), where a student distilled from the shared GPU-trained teacher must
-beat one trained on labels alone."""
+CIFAR-10; what in a class folder is named like an image but is not one; and real CIFAR-10 (../shared/data), where a
+student distilled from the shared GPU-trained teacher must beat one trained on labels alone."""
+import functools
 import json
 import os
 import shutil
+import struct
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +122,91 @@ def test_cifar10_from_folders_needs_ten_classes_of_32_pixels(tmp_path):
     write_folders(tmp_path)
     with pytest.raises(ConfigError, match="holds 3 classes of .* not CIFAR-10's"):
         build_data(DataConfig(dataset="cifar10", root=str(tmp_path), download=False, val_size=3))
+
+
+@functools.cache
+def bomb_png(side=15000):
+    """A 1-bit black PNG of side x side pixels: some 30 KiB on disk, 225 million pixels to decode at 15000, past
+    Pillow's limit (written by hand: Pillow would hold the whole image in memory to save it)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    rows = zlib.compress(bytes((1 + (side + 7) // 8) * side), 9)  # each row: filter byte 0, then the packed bits
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1 bit per pixel, greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+def plant(path, kind):
+    """Something named like an image at `path` that cannot be used as one; returns what the refusal says it is."""
+    if kind == "folder":
+        path.mkdir()
+        return "is a folder, not an image file"
+    if kind == "broken link":
+        path.symlink_to(path.parent / "gone.png")
+        return "which does not exist"
+    if kind == "fifo":
+        os.mkfifo(path)  # opening one to read would wait for a writer forever
+        return "is a FIFO (named pipe), not an image file"
+    path.write_bytes(bomb_png())
+    return "is too large to decode safely, a decompression bomb?"
+
+
+KINDS = ["folder", "broken link", "fifo", "bomb"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("chunk", [kd.data.folders.CHUNK, 5], ids=["one process", "decoding processes"])
+def test_what_is_named_like_an_image_but_cannot_be_used_as_one_is_one_line(tmp_path, one_error_line, kind, chunk,
+                                                                           monkeypatch):
+    monkeypatch.setattr(kd.data.folders, "CHUNK", chunk)
+    write_folders(tmp_path)
+    says = plant(tmp_path / "test" / "dog" / "x.png", kind)
+    raw = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    raw.update(output_dir=str(tmp_path / "runs"), data={**raw["data"], "dataset": "folders", "root": str(tmp_path),
+                                                         "train_subset": None, "test_subset": None, "val_size": 3})
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(raw))
+    err = one_error_line.study(tmp_path / "study.yaml")
+    assert "data.root: " in err and "test/dog/x.png" in err and says in err, err
+
+
+def test_a_decompression_bomb_inside_a_shard_is_refused_naming_it(tmp_path):
+    write_folders(tmp_path / "src")
+    (tmp_path / "src" / "train" / "emu" / "x.png").write_bytes(bomb_png())
+    root = tmp_path / "data"
+    root.mkdir()
+    with tarfile.open(root / "images.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "src" / "train", "train")
+        tar.add(tmp_path / "src" / "test", "test")
+    with pytest.raises(ConfigError) as e:
+        build_data(data_cfg(root))
+    assert "train/emu/x.png" in str(e.value) and "decompression bomb" in str(e.value) and "\n" not in str(e.value)
+
+
+def imagenet_folders(root):
+    """ImageNet's layout (train/<class>/, val/<class>/) of 12 px images, read from the folders at any size above 64."""
+    write_folders(root, n_train=3, n_test=2)
+    (root / "test").rename(root / "val")
+    return DataConfig(dataset="imagenet", root=str(root), image_size=72, val_size=1, num_workers=1, batch_size=4)
+
+
+@pytest.mark.parametrize("kind", KINDS[:3])
+def test_the_streamed_imagenet_path_refuses_what_is_no_image_file_while_listing(tmp_path, kind):
+    cfg = imagenet_folders(tmp_path)
+    says = plant(tmp_path / "train" / "dog" / "x.png", kind)
+    with pytest.raises(ConfigError, match="data.root: ") as e:
+        build_data(cfg)
+    assert f"{tmp_path / 'train' / 'dog' / 'x.png'} " in str(e.value) and says in str(e.value), e.value
+
+
+def test_a_decompression_bomb_met_by_a_loader_worker_is_one_line(tmp_path):
+    from torch.utils.data import DataLoader
+    cfg = imagenet_folders(tmp_path)
+    (tmp_path / "val" / "emu" / "x.png").write_bytes(bomb_png())
+    data = build_data(cfg)  # listing opens nothing
+    with pytest.raises(ConfigError) as e:
+        list(DataLoader(data.test, batch_size=4, num_workers=1))
+    assert str(e.value) == f"data.root: {tmp_path / 'val' / 'emu' / 'x.png'} is too large to decode safely, a " \
+                           "decompression bomb? (Image size (225000000 pixels) exceeds limit of 178956970 pixels, " \
+                           "could be decompression bomb DOS attack.)"
 
 
 # --- real CIFAR-10 ---------------------------------------------------------------------------------------------------

@@ -2,12 +2,14 @@
 import dataclasses
 import gzip
 import hashlib
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torchvision
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import transforms as T
 
@@ -172,6 +174,53 @@ def fashion_mnist(cfg):
 SMALL = 64  # images up to this size are decoded once and held in memory (kd/data/folders.py)
 
 
+class ImageRefused(ConfigError):
+    """An image the streamed path cannot use, one line naming it. A DataLoader worker's error reaches the main
+    process rebuilt from one string, the worker's traceback, whose last line is this error's; it keeps only that."""
+
+    def __init__(self, message):
+        super().__init__("data.root", message.strip().splitlines()[-1].rpartition("data.root: ")[2])
+
+
+def load_image(path):
+    """torchvision's loader (an RGB PIL image), with an image Pillow refuses (damaged, a decompression bomb) one
+    line naming it, from a DataLoader worker too."""
+    try:
+        with open(path, "rb") as f, Image.open(f) as img:
+            return img.convert("RGB")
+    except folders.REFUSED as e:
+        raise ImageRefused(f"{path} {folders.refusal(e)}") from None
+
+
+class ImageFiles(torchvision.datasets.ImageFolder):
+    """torchvision's ImageFolder, whose listing refuses what is named like an image but is no regular file (a
+    folder, a FIFO, a link to nothing) before anything is opened. Files are told apart by the type the directory
+    listing already holds, so a regular file costs no stat; the order is ImageFolder's."""
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        extensions = tuple(extensions or torchvision.datasets.folder.IMG_EXTENSIONS)
+        samples = []
+        for cls, index in sorted(class_to_idx.items()):
+            found, pending = [], [os.path.join(directory, cls)]
+            while pending:  # every folder under the class folder, symbolic links followed as ImageFolder does
+                folder, files = pending.pop(), []
+                with os.scandir(folder) as entries:
+                    for entry in entries:
+                        named = entry.name.lower().endswith(extensions)
+                        if named and not entry.is_file():
+                            folders.file_stat(entry.path)  # raises, saying what it is
+                        if entry.is_dir():
+                            pending.append(entry.path)
+                        elif named:
+                            files.append(entry.path)
+                found.append((folder, sorted(files)))
+            if not any(files for _, files in found) and not allow_empty:
+                raise FileNotFoundError(f"no image files in {os.path.join(directory, cls)}")
+            samples += [(path, index) for _, files in sorted(found) for path in files]
+        return samples
+
+
 @DATASETS.register("imagenet")
 def imagenet(cfg):
     """ImageNet-style data: train/<class>/* and val/<class>/* (val is the test split), as folders or as .tar(.gz)
@@ -193,15 +242,15 @@ def imagenet(cfg):
     eval_tf = eval_transform(size, resize, mean, std)
     root = Path(cfg.root)
     try:
-        train = torchvision.datasets.ImageFolder(root / "train", transform=train_tf)
-        test = torchvision.datasets.ImageFolder(root / "val", transform=eval_tf)
+        train = ImageFiles(root / "train", transform=train_tf, loader=load_image)
+        test = ImageFiles(root / "val", transform=eval_tf, loader=load_image)
     except (FileNotFoundError, OSError) as e:
         raise ConfigError("data.root", f"no ImageNet-style folders in {root} ({e}); expected train/<class>/*.jpg "
                           "and val/<class>/*.jpg, as folders, or as .tar/.tar.gz shards of images of data.image_size "
                           "(64 px or less)") from None
     if train.classes != test.classes:
         raise ConfigError("data.root", f"{root}/train and {root}/val have different class folders")
-    plain = torchvision.datasets.ImageFolder(root / "train", transform=eval_tf)
+    plain = ImageFiles(root / "train", transform=eval_tf, loader=load_image)
     return Splits(train, plain, test, len(train.classes), 3, size, mean, std, resize)
 
 

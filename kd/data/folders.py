@@ -14,6 +14,7 @@ import io
 import multiprocessing
 import os
 import re
+import stat
 import tarfile
 import time
 import zlib
@@ -74,14 +75,36 @@ def _split(name):
     return "test" if name in HELD_OUT else name if name == "train" else None
 
 
+def file_stat(path):
+    """os.stat of what is named like an image, or one line saying what else it is: a folder, a FIFO (never opened:
+    reading one waits forever), a link to nothing."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        if not path.is_symlink():
+            raise
+        raise ConfigError("data.root", f"{path} is a symbolic link to {os.readlink(path)}, which does not exist; "
+                          f"point it at an image or move it out of {path.parent}") from None
+    except OSError as e:
+        raise ConfigError("data.root", f"{path} cannot be read ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode)
+                else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device")
+        raise ConfigError("data.root", f"{path} is {kind}, not an image file; image folders hold image files under "
+                          f"image names: rename it or move it out of {path.parent}")
+    return st
+
+
 def _entries(source):
     """(split, class, name, size, mtime, read) for every image file under the source, folders in sorted order, an
-    archive in its own order (a compressed archive reads forwards only)."""
+    archive in its own order (a compressed archive reads forwards only). Anything in a class folder named like an
+    image but not a regular file is refused before it is opened."""
     if source.is_dir():
         for path in sorted(source.glob("*/*/*")):
             split, cls = _split(path.parts[-3]), path.parts[-2]
             if split and path.suffix.lower() in SUFFIXES:
-                st = path.stat()
+                st = file_stat(path)
                 yield split, cls, path.relative_to(source).as_posix(), st.st_size, st.st_mtime_ns, path.read_bytes
         return
     with tarfile.open(source, "r|*") as tar:  # a stream: forwards only, each member read as it comes
@@ -123,15 +146,25 @@ def _image(data):
         return np.asarray(img.convert("L" if img.mode in ("L", "I;16", "1") else "RGB"))
 
 
+REFUSED = (OSError, Image.DecompressionBombError)  # what Pillow raises for a file it will not decode
+
+
+def refusal(error):
+    """Why Pillow would not decode an image, as the end of a sentence that starts with the file's name."""
+    if isinstance(error, Image.DecompressionBombError):
+        return f"is too large to decode safely, a decompression bomb? ({first_line(error)})"
+    return f"is not an image Pillow can read ({first_line(error)})"
+
+
 def _decode_chunk(files):
-    """In a worker process: the pixels of (name, bytes) pairs, or (name, reason) for the first unreadable one (a
+    """In a worker process: the pixels of (name, bytes) pairs, or (name, why) for the first one Pillow refuses (a
     ConfigError does not cross processes)."""
     pixels = []
     for name, data in files:
         try:
             pixels.append(_image(data))
-        except OSError as e:
-            return name, str(e)
+        except REFUSED as e:
+            return name, refusal(e)
     return pixels
 
 
@@ -159,7 +192,7 @@ def _decode_all(files):
     pixels = []
     for result in results:
         if isinstance(result, tuple):
-            raise ConfigError("data.root", f"{result[0]} is not an image Pillow can read ({result[1]})")
+            raise ConfigError("data.root", f"{result[0]} {result[1]}")
         pixels += result
     return pixels
 
@@ -175,6 +208,8 @@ def _read(source):
             else:
                 files.append((split, cls, name, read()))
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        if source.is_dir() and isinstance(e, OSError):  # an image file of a folder
+            raise ConfigError("data.root", f"{e.filename or source} cannot be read ({e.strerror or e})") from None
         raise ConfigError("data.root", f"{source} cannot be read to its end ({first_line(e)}): a truncated or "
                           "damaged archive; replace it") from None
     if source.is_dir():
@@ -191,7 +226,7 @@ def _read_and_decode(source):
         return str(e)
     pixels = _decode_chunk([f[2:] for f in files])
     if isinstance(pixels, tuple):
-        return f"data.root: {pixels[0]} in {source} is not an image Pillow can read ({pixels[1]})"
+        return f"data.root: {pixels[0]} in {source} {pixels[1]}"
     return [(*f[:3], p) for f, p in zip(files, pixels)], names
 
 
@@ -218,9 +253,11 @@ def first_image_size(root):
     """(height, width) of the first image of the folders or shards under `root`, read alone; None without any."""
     sources = find_sources(root)
     try:
-        for *_, read in (entry for source in sources for entry in _entries(source) if entry[0]):
+        for _, _, name, _, _, read in (entry for source in sources for entry in _entries(source) if entry[0]):
             with Image.open(io.BytesIO(read())) as img:
                 return img.height, img.width
+    except Image.DecompressionBombError as e:
+        raise ConfigError("data.root", f"{name} in {root} {refusal(e)}") from None
     except (tarfile.TarError, EOFError, zlib.error, OSError):
         return None  # decoding names the damaged file or shard
     return None
