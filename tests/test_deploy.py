@@ -22,7 +22,7 @@ from kd.data.datasets import build_data, plain_train_images  # noqa: E402
 from kd.data.tensors import normalize  # noqa: E402
 from kd.deploy import card as cards  # noqa: E402
 from kd.deploy import export  # noqa: E402
-from kd.errors import ConfigError  # noqa: E402
+from kd.errors import ConfigError, KDError  # noqa: E402
 from kd.study.study import Study  # noqa: E402
 from kd.train.models import MODELS  # noqa: E402
 
@@ -167,13 +167,14 @@ def test_bad_model_and_image_files_get_one_line_each(tmp_path, capsys, one_error
     kd.store.save({"model": cards.build(small_card()).state_dict()}, tmp_path / "no_card.pt")
     wider = {**small_card(), "model": {"name": "cnn", "kwargs": {"channels": [16, 32], "blocks": 1}}}
     kd.store.save({"model": cards.build(small_card()).state_dict(), "card": wider}, tmp_path / "wrong_card.pt")
-    for model, says in (("missing.pt", "no such model file"), ("garbage.pt", "is damaged"),
-                        ("garbage.onnx", "not an ONNX file"),
+    for model, says in (("garbage.pt", "is damaged"), ("garbage.onnx", "not an ONNX file"),
                         ("no_card.pt", "carries no card"),
                         ("wrong_card.pt", "weights do not fit the model its card describes (size mismatch for ")):
         assert says in one_error_line.cli("predict", tmp_path / model, image)
     assert "carries no card" in one_error_line.cli("export", tmp_path / "no_card.pt")
     for command, missing, says in (("export", "missing.pt", "missing.pt: no such file"),
+                                   ("predict", "missing.pt", "missing.pt: no such file"),
+                                   ("predict", "missing.onnx", "missing.onnx: no such file"),
                                    ("export", "", "a folder, not a file")):
         line = one_error_line.cli(command, tmp_path / missing, *([image] if command == "predict" else []))
         assert says in line and "damaged" not in line, line
@@ -186,6 +187,77 @@ def test_bad_model_and_image_files_get_one_line_each(tmp_path, capsys, one_error
     assert captured.err.splitlines() == [f"error: {tmp_path / 'text.jpg'}: not an image file",
                                          f"error: {tmp_path / 'gone.png'}: no such file"]
     assert captured.out.startswith(f"{image}: class")  # the good image is still predicted
+
+
+def linear_onnx(path, card, outputs=10, fixed=True):
+    """An ONNX classifier of one linear layer over `card`'s input, with `outputs` scores (a number the graph fixes,
+    or leaves free), saved as `export` saves: built in a moment, where a torch export takes seconds."""
+    from onnx import TensorProto, helper, numpy_helper
+    i = card["input"]
+    shape = [i["channels"], i["image_size"], i["image_size"]]
+    weights = np.random.default_rng(0).standard_normal((outputs, int(np.prod(shape)))).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["images"], ["flat"]),
+         helper.make_node("Gemm", ["flat", "w", "b"], ["logits"], transB=1)], "linear",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", *shape])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", outputs if fixed else "classes"])],
+        [numpy_helper.from_array(weights, "w"), numpy_helper.from_array(np.zeros(outputs, np.float32), "b")])
+    export.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", export.OPSET)]), card, path)
+    return path
+
+
+def rewrite_props(path, **props):
+    """Change (or, given None, remove) metadata entries of an ONNX file, leaving its weights as they are."""
+    import onnx
+    proto = onnx.load(str(path))
+    kept = {p.key: p.value for p in proto.metadata_props}
+    kept.update(props)
+    onnx.helper.set_model_props(proto, {k: v for k, v in kept.items() if v is not None})
+    path.write_bytes(proto.SerializeToString())
+
+
+def test_onnx_weights_changed_after_export_are_refused_where_the_file_is_opened(tmp_path, one_error_line):
+    image = tmp_path / "i.png"
+    Image.new("L", (28, 28), 128).save(image)
+    fp32, int8 = linear_onnx(tmp_path / "model.onnx", small_card()), tmp_path / "model.int8.onnx"
+    export.quantize(fp32, int8, torch.randn(16, 1, 28, 28))
+    assert run.main(["predict", str(int8), str(image)]) == 0
+    one_error_line.capsys.readouterr()
+
+    import onnx
+    weight = max(onnx.load(str(int8)).graph.initializer, key=lambda t: len(t.raw_data)).raw_data
+    data = bytearray(int8.read_bytes())
+    assert data.count(weight) == 1
+    data[data.find(weight) + len(weight) // 2] ^= 0x10  # one bit of one int8 weight: the file still runs
+    int8.write_bytes(data)
+    assert one_error_line.cli("predict", int8, image) == f"error: {int8} is damaged (its weights do not match " \
+        "the digest recorded at export); export it again from its checkpoint (run.py export)"
+    for opener in (export.read_card, lambda path: export.OnnxModel(path, 1)):
+        with pytest.raises(KDError, match="do not match the digest"):
+            opener(int8)
+
+    rewrite_props(fp32, **{export.WEIGHTS: None})  # as exported before files carried the digest
+    line = one_error_line.cli("predict", fp32, image)
+    assert "records no digest of its weights" in line and "export it again" in line, line
+
+
+def test_onnx_cards_that_are_not_json_or_do_not_fit_the_model_are_one_line(tmp_path, one_error_line):
+    image = tmp_path / "i.png"
+    Image.new("L", (28, 28), 128).save(image)
+    three = {**small_card(), "classes": ["a", "b", "c"]}
+    rewrite_props(linear_onnx(tmp_path / "text.onnx", small_card()), **{export.CARD: "{not json"})
+    linear_onnx(tmp_path / "three.onnx", three)
+    linear_onnx(tmp_path / "three_free.onnx", three, fixed=False)  # only the first prediction shows 10 scores
+    for name, card in (("no_input", {k: v for k, v in small_card().items() if k != "input"}),
+                       ("numbers", {**small_card(), "classes": list(range(10))})):
+        rewrite_props(linear_onnx(tmp_path / f"{name}.onnx", small_card()), **{export.CARD: json.dumps(card)})
+    for name, says in (("text.onnx", "its card is not JSON"),
+                       ("three.onnx", "its card lists 3 classes but its model gives 10 scores per image"),
+                       ("three_free.onnx", "its card lists 3 classes but its model gives 10 scores per image"),
+                       ("no_input.onnx", "its card is not valid (input (a mapping) is needed)"),
+                       ("numbers.onnx", "its card is not valid (classes is [0, 1, ")):
+        line = one_error_line.cli("predict", tmp_path / name, image)
+        assert line.startswith(f"error: {tmp_path / name}: {says}"), line
 
 
 @MODELS.register("ten_scores")

@@ -12,15 +12,18 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from onnx import numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from kd.deploy.card import load_checkpoint, read_image
+from kd.deploy.card import check_outputs, checked, load_checkpoint, not_a_file, read_image
 from kd.errors import KDError, first_line
-from kd.store import atomic
+from kd.store import atomic, content_digest, damaged
 
 OPSET = 18  # the torch.export-based exporter's lowest: the widest range of onnxruntime releases runs it
 CARD = "kd.card"  # metadata key holding the card as JSON
+WEIGHTS = "kd.weights"  # metadata key holding the weights' digest (weights_digest)
+REEXPORT = "export it again from its checkpoint (run.py export)"
 INPUT, OUTPUT = "images", "logits"
 
 
@@ -38,8 +41,15 @@ def export(model, card, path):
     save(program.model_proto, card, path)
 
 
+def weights_digest(graph):
+    """The digest of a graph's weights (each initializer's name, type, shape and bytes), written beside the card
+    and checked whenever the file is opened: a flipped bit in a weight leaves a file that loads and runs, but
+    predicts other classes."""
+    return content_digest({t.name: numpy_helper.to_array(t) for t in graph.initializer})
+
+
 def save(proto, card, path):
-    onnx.helper.set_model_props(proto, {CARD: json.dumps(card)})
+    onnx.helper.set_model_props(proto, {CARD: json.dumps(card), WEIGHTS: weights_digest(proto.graph)})
     with atomic(path) as tmp:
         tmp.write_bytes(proto.SerializeToString())
 
@@ -87,38 +97,76 @@ def _quiet():
             logging.disable(logging.NOTSET)
 
 
-def session(path, threads):
-    """An onnxruntime CPU session using `threads` threads for each operator; one line if the file is not a
-    model onnxruntime can run."""
+def session(model, threads, path):
+    """An onnxruntime CPU session of `model` (the bytes of the file `path`) using `threads` threads for each
+    operator; one line if it is not a model onnxruntime can run."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own exception types for missing, damaged or invalid files
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types for damaged or invalid models
         raise KDError(f"{path}: not a model onnxruntime can run ({first_line(e)})") from None
 
 
-def read_card(path):
-    """The card stored in an ONNX file by `export`."""
+def open_file(path):
+    """(the bytes of an ONNX file `export` wrote, its card), checked: a valid card, weights that match their
+    digest, and as many outputs as the card has classes where the graph fixes that number. The bytes checked
+    are the bytes run."""
+    if (reason := not_a_file(path)) is not None:
+        raise KDError(f"{path}: {reason}")
     try:
-        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        data = Path(path).read_bytes()
+        proto = onnx.load_from_string(data)
     except Exception as e:  # protobuf's DecodeError, OSError, ...
         raise KDError(f"{path}: not an ONNX file ({type(e).__name__})") from None
+    props = {p.key: p.value for p in proto.metadata_props}
     if CARD not in props:
         raise KDError(f"{path}: carries no card (not exported by this toolkit), so its input and classes are unknown")
-    return json.loads(props[CARD])
+    try:
+        card = json.loads(props[CARD])
+    except (ValueError, RecursionError) as e:
+        raise KDError(f"{path}: its card is not JSON ({first_line(e)}); {REEXPORT}") from None
+    card = checked(card, path, REEXPORT)
+    if WEIGHTS not in props:
+        raise KDError(f"{path}: records no digest of its weights (exported before files carried one), so they "
+                      f"cannot be checked; {REEXPORT}")
+    try:
+        intact = weights_digest(proto.graph) == props[WEIGHTS]
+    except Exception:  # a damaged tensor (bytes that do not fill its shape, an unknown type) fails in onnx's reader
+        intact = False
+    if not intact:
+        raise damaged(path, "its weights do not match the digest recorded at export", REEXPORT)
+    dims = [v.type.tensor_type.shape.dim for v in proto.graph.output if v.name == OUTPUT]
+    if dims and dims[0] and dims[0][-1].HasField("dim_value"):
+        check_outputs(path, card, dims[0][-1].dim_value)
+    return data, card
+
+
+def read_card(path):
+    """The card stored in an ONNX file by `export`, the file checked (`open_file`)."""
+    return open_file(path)[1]
 
 
 class OnnxModel:
-    """An ONNX file called like a PyTorch model: float images in, logits out (CPU tensors)."""
+    """An ONNX file `export` wrote, checked (`open_file`) and called like a PyTorch model: float images in, logits
+    out (CPU tensors). Its number of outputs is checked against its card's classes where the graph leaves it
+    free."""
 
     def __init__(self, path, threads):
-        self.path, self.session = Path(path), session(path, threads)
+        self.path = Path(path)
+        data, self.card = open_file(path)
+        self.session = session(data, threads, path)
 
     def __call__(self, x):
-        return torch.from_numpy(self.session.run(None, {INPUT: np.ascontiguousarray(x.cpu().numpy())})[0])
+        try:
+            logits = self.session.run(None, {INPUT: np.ascontiguousarray(x.cpu().numpy())})[0]
+        except Exception as e:  # onnxruntime's own exception types: a graph that does not take what its card says
+            raise KDError(f"{self.path}: onnxruntime cannot run it on the input its card describes "
+                          f"({first_line(e)}); {REEXPORT}") from None
+        check_outputs(self.path, self.card, logits.shape[-1])
+        return torch.from_numpy(logits)
 
 
 @torch.inference_mode()

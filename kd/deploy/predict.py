@@ -10,14 +10,11 @@ from kd.errors import KDError
 
 def open_model(path):
     """(callable from images to logits, card) for a checkpoint with a card, or an ONNX file exported by this
-    toolkit (onnxruntime is imported only then)."""
-    path = Path(path)
-    if not path.is_file():
-        raise KDError(f"{path}: no such model file")
-    if path.suffix == ".onnx":
-        from kd.deploy.export import OnnxModel, read_card
-        card = read_card(path)
-        return OnnxModel(path, torch.get_num_threads()), card
+    toolkit (onnxruntime is imported only then); both are checked as they are opened."""
+    if Path(path).suffix == ".onnx":
+        from kd.deploy.export import OnnxModel
+        model = OnnxModel(path, torch.get_num_threads())
+        return model, model.card
     return load_checkpoint(path)
 
 
