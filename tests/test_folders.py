@@ -1,6 +1,7 @@
-"""Folder datasets of small images: decoded once and kept beside the data, served by the tensor pipeline like
-CIFAR-10; what in a class folder is named like an image but is not one; and real CIFAR-10 (../shared/data), where a
-student distilled from the shared GPU-trained teacher must beat one trained on labels alone."""
+"""Folder datasets of small images: decoded once and kept beside the data (or in the cache folder when the data's
+is read-only), served by the tensor pipeline like CIFAR-10; what in a class folder is named like an image but is not
+one; and real CIFAR-10 (../shared/data), where a student distilled from the shared GPU-trained teacher must beat one
+trained on labels alone."""
 import functools
 import json
 import os
@@ -17,7 +18,7 @@ from PIL import Image
 
 import kd.data.folders
 import run
-from kd.config import DataConfig
+from kd.config import Config, DataConfig, from_dict
 from kd.data.datasets import build_data
 from kd.errors import ConfigError
 
@@ -124,6 +125,23 @@ def test_cifar10_from_folders_needs_ten_classes_of_32_pixels(tmp_path):
         build_data(DataConfig(dataset="cifar10", root=str(tmp_path), download=False, val_size=3))
 
 
+def test_a_decoded_file_records_its_sources_and_one_of_another_dataset_is_decoded_again(tmp_path, capsys):
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    write_folders(mine)
+    write_folders(other, n_train=5)
+    expected = build_data(data_cfg(mine)).content
+    build_data(data_cfg(other))
+    stored = next(mine.glob("decoded-*.npz"))
+    shutil.copy(next(other.glob("decoded-*.npz")), stored)  # the other dataset's file under this one's name
+    capsys.readouterr()
+    assert build_data(data_cfg(mine)).content == expected
+    out = capsys.readouterr().out
+    assert f"{stored} was made from other files (other, key " in out and "decoding again" in out, out
+    arrays = kd.data.folders.load_decoded(mine)
+    assert stored.name == f"decoded-{arrays['key']}.npz" and list(arrays["sources"]) == ["mine"]
+    assert str(arrays["source_bytes"]) != str(kd.data.folders.load_decoded(other)["source_bytes"])
+
+
 @functools.cache
 def bomb_png(side=15000):
     """A 1-bit black PNG of side x side pixels: some 30 KiB on disk, 225 million pixels to decode at 15000, past
@@ -207,6 +225,38 @@ def test_a_decompression_bomb_met_by_a_loader_worker_is_one_line(tmp_path):
     assert str(e.value) == f"data.root: {tmp_path / 'val' / 'emu' / 'x.png'} is too large to decode safely, a " \
                            "decompression bomb? (Image size (225000000 pixels) exceeds limit of 178956970 pixels, " \
                            "could be decompression bomb DOS attack.)"
+
+
+def test_a_read_only_data_folder_is_decoded_into_the_cache_folder(tmp_path, monkeypatch, capsys):
+    """chmod stops writes for users other than root; as root the check of writability says what a read-only mount
+    would."""
+    data = tmp_path / "data"
+    write_folders(data)
+    raw = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    raw.update(output_dir=str(tmp_path / "runs"), data={**raw["data"], "dataset": "folders", "root": str(data),
+                                                         "train_subset": None, "test_subset": None, "val_size": 3,
+                                                         "batch_size": 8},
+               cache={**raw.get("cache", {}), "dir": str(tmp_path / "cache")})
+    cfg = from_dict(Config, raw)
+    cfg.validate()
+    if os.geteuid() == 0:
+        writable = kd.data.folders._writable
+        monkeypatch.setattr(kd.data.folders, "_writable", lambda folder: folder != data and writable(folder))
+    data.chmod(0o555)
+    try:
+        from kd.study.setting import Setting
+        first = Setting(cfg).data.content
+        assert not list(data.glob("decoded-*.npz"))
+        stored = list((tmp_path / "cache" / "decoded").glob("*/decoded-*.npz"))
+        assert len(stored) == 1 and f"{data} is not writable; its decoded images are kept in {stored[0].parent}" \
+            in capsys.readouterr().out
+
+        def no_decoding(sources):
+            raise AssertionError("decoded again")
+        monkeypatch.setattr(kd.data.folders, "decode", no_decoding)
+        assert build_data(cfg.data, cache=tmp_path / "cache").content == first  # read back from there
+    finally:
+        data.chmod(0o755)
 
 
 # --- real CIFAR-10 ---------------------------------------------------------------------------------------------------

@@ -64,6 +64,21 @@ def test_shards_merge_into_one_dataset_labelled_by_folder_and_named_by_words(tmp
     assert list((tmp_path / "data").glob("decoded-*.npz")) == decoded
 
 
+def test_the_decoded_file_records_its_shards_and_their_bytes_whichever_processes_read_them(tmp_path, monkeypatch):
+    root = tiny_shards(tmp_path / "data")
+    recorded = []
+    for cpus in (1, 2):  # read here, then one process per shard
+        monkeypatch.setattr(folders, "_cpus", lambda: cpus)
+        recorded.append(str(folders.decode(folders.find_sources(root))["source_bytes"]))
+    assert recorded[0] == recorded[1]
+    arrays = folders.load_decoded(root)
+    assert list(arrays["sources"]) == ["train-0.tar.gz", "train-1.tar.gz", "val.tar.gz"]
+    assert str(arrays["source_bytes"]) == recorded[0]
+    shard(root / "train-1.tar.gz", {"train/n01/n01_3.png": png(99), "train/n02/n02_3.png": png(98)})
+    again = folders.load_decoded(root)
+    assert str(again["key"]) != str(arrays["key"]) and str(again["source_bytes"]) != recorded[0]
+
+
 def test_without_words_the_folder_names_name_the_classes(tmp_path):
     arrays = folders.load_decoded(tiny_shards(tmp_path / "data", words=None))
     assert list(arrays["names"]) == ["n01", "n02"]

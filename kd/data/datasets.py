@@ -2,6 +2,7 @@
 import dataclasses
 import gzip
 import hashlib
+import inspect
 import os
 import shutil
 from dataclasses import dataclass
@@ -13,12 +14,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import transforms as T
 
+from kd.config import CacheConfig
 from kd.data import folders
 from kd.data.tensors import Batch, TensorLoader, from_subset, normalize
 from kd.errors import ConfigError
 from kd.registry import Registry
 
-DATASETS = Registry("dataset", context=("cfg",))
+DATASETS = Registry("dataset", context=("cfg", "cache"))  # cache: a folder for what is derived from read-only data
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
 
 
@@ -104,12 +106,13 @@ def _missing(name, root, expected, error):
 
 
 @DATASETS.register("cifar10")
-def cifar10(cfg):
+def cifar10(cfg, cache=None):
     """CIFAR-10, 32x32 colour, 10 classes: torchvision's python batches under data.root (downloaded if allowed),
     or class folders of its images (train/<class>/, test/<class>/, or a .tar.gz of them; see kd/data/folders.py)."""
     mean, std = normalisation(cfg, 3, lambda: ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)))
     train_tf, eval_tf = small_image_transforms(cfg, 32, mean, std)
-    if not (Path(cfg.root) / "cifar-10-batches-py").exists() and (found := folders.splits(cfg.root, train_tf, eval_tf)):
+    if not (Path(cfg.root) / "cifar-10-batches-py").exists() and (found := folders.splits(cfg.root, train_tf, eval_tf,
+                                                                                           cache)):
         train, plain, test, classes = found
         if len(classes) != 10 or train.data.shape[1:] != (32, 32, 3):
             raise ConfigError("data.root", f"{cfg.root} holds {len(classes)} classes of {train.data.shape[1:]} images, "
@@ -126,12 +129,13 @@ def cifar10(cfg):
 
 
 @DATASETS.register("folders")
-def image_folders(cfg):
+def image_folders(cfg, cache=None):
     """Class folders of small images of one size (train/<class>/*, test/<class>/*, or one .tar/.tar.gz of them)
-    under data.root: decoded once (kept beside them), trained in memory with the small-image recipe (pad-crop,
-    flip) like CIFAR-10. Mean and std from the training images unless data.mean/data.std give them."""
+    under data.root: decoded once (kept beside them, or under cache.dir where they are read-only), trained in memory
+    with the small-image recipe (pad-crop, flip) like CIFAR-10. Mean and std from the training images unless
+    data.mean/data.std give them."""
     identity = T.Compose([])
-    found = folders.splits(cfg.root, identity, identity)
+    found = folders.splits(cfg.root, identity, identity, cache)
     if found is None:
         raise ConfigError("data.root", f"no image folders in {cfg.root}; expected train/<class>/* and test/<class>/*, "
                           "or one .tar/.tar.gz of them")
@@ -222,14 +226,14 @@ class ImageFiles(torchvision.datasets.ImageFolder):
 
 
 @DATASETS.register("imagenet")
-def imagenet(cfg):
+def imagenet(cfg, cache=None):
     """ImageNet-style data: train/<class>/* and val/<class>/* (val is the test split), as folders or as .tar(.gz)
     shards of them. Images that already have data.image_size, 64 px or less (Tiny-ImageNet), are decoded once and
     trained in memory like CIFAR-10; others are read from the folders by a DataLoader and resized."""
     size = cfg.image_size
     mean, std = normalisation(cfg, 3, lambda: ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
     if size <= SMALL and folders.first_image_size(cfg.root) == (size, size):
-        train, plain, test, classes = folders.splits(cfg.root, *small_image_transforms(cfg, size, mean, std))
+        train, plain, test, classes = folders.splits(cfg.root, *small_image_transforms(cfg, size, mean, std), cache)
         if train.data.ndim != 4:
             raise ConfigError("data.root", f"the images in {cfg.root} are all greyscale; dataset: imagenet takes "
                               "colour images (dataset: folders takes greyscale ones)")
@@ -265,12 +269,14 @@ def fake(cfg):
     return Splits(train, plain, test, 10, 3, cfg.image_size, mean, std)
 
 
-def build_data(cfg, device=torch.device("cpu"), distributed=False):
+def build_data(cfg, device=torch.device("cpu"), distributed=False, cache=Path(CacheConfig.dir)):
     """Hold out `val_size` training images (fixed by split_seed) for checkpoint selection; for the tensor
-    pipeline, gather each split into one uint8 tensor, placed on `device` once for every loader of the study."""
+    pipeline, gather each split into one uint8 tensor, placed on `device` once for every loader of the study.
+    `cache` (the study's cache.dir) keeps what is decoded from a read-only data folder."""
     if Path(cfg.root).exists() and not Path(cfg.root).is_dir():
         raise ConfigError("data.root", f"{cfg.root} is a file; it names the folder that holds the dataset")
-    s = DATASETS.get(cfg.dataset, "data.dataset")(cfg)
+    constructor = DATASETS.get(cfg.dataset, "data.dataset")
+    s = constructor(cfg, **({"cache": cache} if "cache" in inspect.signature(constructor).parameters else {}))
     classes = [str(c) for c in getattr(s.train, "classes", None) or range(s.num_classes)]  # FakeData has none
     kept, test_kept, num_classes = class_subset(cfg, s, classes)
     n = len(kept)

@@ -5,7 +5,9 @@ one process per shard where the machine has cores, and merged). A `words.txt` (I
 
 Small images (CIFAR-10, Tiny-ImageNet at 64 px, a user's own 32-96 px data) are cheaper to hold in memory than to
 decode every epoch: decoding 60,000 JPEGs is the slow part, so the decoded arrays are stored beside the data
-(`decoded-<key>.npz`, keyed by the files' names, sizes and times) and the next run starts at once. In memory
+(`decoded-<key>.npz`, keyed by the files' names, sizes and times; in the study's cache folder where the data's is
+read-only) and the next run starts at once. The decoded file records what it was made from (the key, the sources'
+names, a digest of their bytes), so one copied from another dataset is never used. In memory
 they look like torchvision's CIFAR10 (`.data` uint8, `.targets`), so the tensor pipeline and the teacher cache
 serve them exactly as they serve CIFAR-10's python batches.
 """
@@ -34,7 +36,7 @@ HELD_OUT = ("test", "val")  # the folder of the split models are tested on: test
 NAMES = ("words.txt", "classes.txt")  # class names: '<folder>\t<name>' lines (ImageNet's words.txt)
 SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 ARCHIVES = (".tar", ".tar.gz", ".tgz")
-FORMAT = "2"  # of the decoded file: a change decodes again
+FORMAT = "3"  # of the decoded file: a change decodes again
 CHUNK = 2048  # images per task of the decoding processes; fewer images than two chunks decode in this process
 
 
@@ -198,55 +200,70 @@ def _decode_all(files):
 
 
 def _read(source):
-    """(split, class, name, bytes) of every image of one source, and the text of its class-names file or None;
-    a shard that ends early or is damaged is one line naming it."""
-    files, names = [], None
+    """(split, class, name, bytes) of every image of one source, the text of its class-names file or None, and a
+    digest of the bytes read (the decoded file's record of what it was made from); a shard that ends early or is
+    damaged is one line naming it."""
+    files, names, h = [], None, hashlib.sha256()
     try:
         for split, cls, name, _, _, read in Progress(_entries(source), f"[data] reading {source}"):
+            data = read()
+            h.update(f"{name}\t{len(data)}\n".encode())
+            h.update(data)
             if split is None:
-                names = read().decode("utf-8", "replace")
+                names = data.decode("utf-8", "replace")
             else:
-                files.append((split, cls, name, read()))
+                files.append((split, cls, name, data))
+        if source.is_dir() and (found := next((source / n for n in NAMES if (source / n).is_file()), None)):
+            data = found.read_bytes()
+            h.update(f"{found.name}\t{len(data)}\n".encode())
+            h.update(data)
+            names = data.decode("utf-8", "replace")
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         if source.is_dir() and isinstance(e, OSError):  # an image file of a folder
             raise ConfigError("data.root", f"{e.filename or source} cannot be read ({e.strerror or e})") from None
         raise ConfigError("data.root", f"{source} cannot be read to its end ({first_line(e)}): a truncated or "
                           "damaged archive; replace it") from None
-    if source.is_dir():
-        names = next(((source / n).read_text("utf-8", "replace") for n in NAMES if (source / n).is_file()), None)
-    return files, names
+    return files, names, h.hexdigest()[:16]
 
 
 def _read_and_decode(source):
-    """In a worker process, for one shard: (split, class, name, pixels) of its images and its class-names text, or
-    the one-line reason it cannot be used."""
+    """In a worker process, for one shard: (split, class, name, pixels) of its images, its class-names text and the
+    digest of its bytes, or the one-line reason it cannot be used."""
     try:
-        files, names = _read(source)
+        files, names, digest = _read(source)
     except ConfigError as e:
         return str(e)
     pixels = _decode_chunk([f[2:] for f in files])
     if isinstance(pixels, tuple):
         return f"data.root: {pixels[0]} in {source} {pixels[1]}"
-    return [(*f[:3], p) for f, p in zip(files, pixels)], names
+    return [(*f[:3], p) for f, p in zip(files, pixels)], names, digest
 
 
 def _gather(sources):
-    """(split, class, name, pixels) of every image of the sources and the class-names text: with at least as many
-    shards as CPUs, each shard read and decoded by its own process; else read here and decoded in chunks by one
-    process per CPU."""
+    """(split, class, name, pixels) of every image of the sources, the class-names text, and a digest of the bytes
+    read, source by source: with at least as many shards as CPUs, each shard read and decoded by its own process;
+    else read here and decoded in chunks by one process per CPU."""
     if len(sources) > 1 and len(sources) >= _cpus() and (pool := _pool(len(sources))):
         with pool:
             results = list(pool.map(_read_and_decode, sources))
         if errors := [r for r in results if isinstance(r, str)]:
             key, _, message = errors[0].partition(": ")
             raise ConfigError(key, message)
-        return [item for items, _ in results for item in items], next((n for _, n in results if n), None)
-    files, names = [], None
+        decoded = [item for items, _, _ in results for item in items]
+        return decoded, next((n for _, n, _ in results if n), None), _combine(sources, [d for *_, d in results])
+    files, names, digests = [], None, []
     for source in sources:
-        found, text = _read(source)
+        found, text, digest = _read(source)
         files += found
         names = names or text
-    return [(*f[:3], p) for f, p in zip(files, _decode_all([f[2:] for f in files]))], names
+        digests.append(digest)
+    decoded = [(*f[:3], p) for f, p in zip(files, _decode_all([f[2:] for f in files]))]
+    return decoded, names, _combine(sources, digests)
+
+
+def _combine(sources, digests):
+    """One digest of the sources' bytes from each source's, whichever process read it."""
+    return hashlib.sha256("".join(f"{s.name}\t{d}\n" for s, d in zip(sources, digests)).encode()).hexdigest()[:16]
 
 
 def first_image_size(root):
@@ -272,8 +289,9 @@ def class_names(text, folders):
 
 def decode(sources):
     """Every image of the sources as uint8 arrays per split, in a fixed order; labels by sorted class folder, names
-    from words.txt / classes.txt where present. Greyscale if every image is, else RGB."""
-    decoded, names = _gather(sources)
+    from words.txt / classes.txt where present. Greyscale if every image is, else RGB. `source_bytes`: a digest of
+    the files as read, what the arrays were decoded from."""
+    decoded, names, source_bytes = _gather(sources)
     seen = {}
     for split, cls, name, _ in decoded:
         if name in seen:
@@ -305,7 +323,8 @@ def decode(sources):
         raise ConfigError("data.root", f"class {odd[0]} has no images in {lacking} of {where} ({len(odd)} class(es) "
                           "are in one split only); every class needs training and test images")
     label = {cls: i for i, cls in enumerate(classes["train"])}
-    arrays = {"classes": np.array(classes["train"]), "names": np.array(class_names(names, classes["train"]))}
+    arrays = {"classes": np.array(classes["train"]), "names": np.array(class_names(names, classes["train"])),
+              "source_bytes": np.array(source_bytes)}
     for split in SPLITS:
         mine = [d for d in decoded if d[0] == split]
         arrays[f"{split}_images"] = np.stack([pixels for *_, pixels in mine])
@@ -313,31 +332,71 @@ def decode(sources):
     return arrays
 
 
-def load_decoded(root):
+def _writable(folder):
+    """Whether this process may create files in `folder`: False on a read-only mount."""
+    return os.access(folder, os.W_OK)
+
+
+def decoded_folder(root, cache):
+    """Where the decoded file of `root` is written: beside the data, or where that folder is not writable (a
+    read-only mount), `<cache>/decoded/<digest of the data folder's path>/`."""
+    root = Path(root)
+    if _writable(root):
+        return root
+    if cache is None:
+        raise ConfigError("data.root", f"{root} is not writable and no cache folder was given to keep its decoded "
+                          "images in; make it writable or set cache.dir")
+    return Path(cache) / "decoded" / hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+
+
+def _stored(path, key):
+    """The arrays of a decoded file if they are intact and were made from the files of `key`, else None, with a
+    line saying why it is decoded again."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = dict(f)
+        intact = str(arrays.pop("digest")) == _digest(arrays)
+    except Exception:  # a damaged zip fails in many ways; the file is derived, so decode again
+        intact = False
+    if not intact:
+        info(f"[data] {path} is damaged; decoding again")
+    elif (stored := str(arrays.get("key", ""))) != key:
+        made = ", ".join(str(s) for s in arrays.get("sources", [])) or "files it does not name"
+        info(f"[data] {path} was made from other files ({made}, key {stored or 'none'}) than these (key {key}); "
+             "decoding again")
+    else:
+        return arrays
+    return None
+
+
+def load_decoded(root, cache=None):
     """The decoded arrays of the folders or archives under `root` (see find_sources), from `decoded-<key>.npz`
-    beside them when it matches the files and is intact, else decoded now and stored there."""
+    beside them (or, for a read-only `root`, under the folder `cache`) when it is intact and was made from these
+    files, else decoded now and stored there. Besides the images it holds the key, the sources' names and a digest
+    of their bytes: what it was made from."""
     sources = find_sources(root)
     if not sources:
         return None
-    path = Path(root) / f"decoded-{_key(sources)}.npz"
-    if path.exists():
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                arrays = dict(f)
-            if str(arrays.pop("digest")) == _digest(arrays):
-                return arrays
-        except Exception:  # a damaged zip fails in many ways; the file is derived, so decode again
-            pass
-        info(f"[data] {path} is damaged; decoding again")
+    key, root = _key(sources), Path(root)
+    folder = decoded_folder(root, cache)
+    name = f"decoded-{key}.npz"
+    beside, path = root / name, folder / name
+    if beside != path and beside.exists() and (arrays := _stored(beside, key)) is not None:
+        return arrays  # decoded before its folder was made read-only
+    if beside != path:
+        info(f"[data] {root} is not writable; its decoded images are kept in {folder}")
+    if path.exists() and (arrays := _stored(path, key)) is not None:
+        return arrays
     start = time.perf_counter()
     arrays = decode(sources)
+    arrays.update(key=np.array(key), sources=np.array([s.name for s in sources]))
     need, free = sum(a.nbytes for a in arrays.values()), free_bytes(path)
     if need > free:
-        raise ConfigError("data.root", f"storing the decoded images needs {need / 2**20:.0f} MiB but {root} has "
+        raise ConfigError("data.root", f"storing the decoded images needs {need / 2**20:.0f} MiB but {folder} has "
                           f"{free / 2**20:.0f} MiB free; free space there")
     with atomic(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, digest=np.array(_digest(arrays)), **arrays)
-    for old in Path(root).glob("decoded-*.npz"):
+    for old in folder.glob("decoded-*.npz"):
         if old != path:
             old.unlink()
     decoded = sum(len(arrays[f"{s}_labels"]) for s in SPLITS)
@@ -345,9 +404,10 @@ def load_decoded(root):
     return arrays
 
 
-def splits(root, train_tf, eval_tf):
-    """(train, train_plain, test) InMemory datasets and the class names, or None when `root` holds no folders."""
-    arrays = load_decoded(root)
+def splits(root, train_tf, eval_tf, cache=None):
+    """(train, train_plain, test) InMemory datasets and the class names, or None when `root` holds no folders;
+    `cache`: the folder for the decoded file when `root` is read-only."""
+    arrays = load_decoded(root, cache)
     if arrays is None:
         return None
     classes = [str(c) for c in arrays.get("names", arrays["classes"])]

@@ -28,7 +28,7 @@ class Setting:
         if not self.main:
             barrier()  # rank 0 downloads or unpacks the data first
         with self.clock.phase("data"):
-            self.data = build_data(cfg.data, self.device, distributed=self.runtime.world > 1)
+            self.data = build_data(cfg.data, self.device, distributed=self.runtime.world > 1, cache=Path(cfg.cache.dir))
         if self.main:
             barrier()
         validate_runtime(cfg, self.device, self.runtime.world, self.data, free_memory(self.device))
