@@ -73,8 +73,9 @@ def describe(exc):
     return f"{type(exc).__name__}: {message}{where}"
 
 
-def first_line(error):
+def first_line(error, limit=160):
     """The reason, in one line: torch's exporter and compiler wrap the error that says why in one that says which
-    step failed; ANSI colours stripped."""
+    step failed; terminal escape codes dropped (they would colour or move the user's terminal), cut at a word."""
     error = error.__cause__ or getattr(error, "inner_exception", None) or error  # the latter: a compiler backend's
-    return re.sub(r"\x1b\[[0-9;]*m", "", (str(error).strip().splitlines() or [type(error).__name__])[0])[:160]
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", (str(error).strip().splitlines() or [type(error).__name__])[0])
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."

@@ -14,7 +14,6 @@ import io
 import json
 import os
 import pickle
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kd.errors import ConfigError, KDError
+from kd.errors import ConfigError, KDError, first_line
 
 
 def canonical(parts):
@@ -87,12 +86,6 @@ def differences(old, new, most=4):
     changed = [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in sorted(a.keys() | b.keys())
                if k not in a or k not in b or a[k] != b[k]]
     return changed[:most] + ([f"and {len(changed) - most} more"] if len(changed) > most else [])
-
-
-def first_line(exc, limit=120):
-    """An exception's first line for a one-line message: terminal escape codes dropped, cut at a word."""
-    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", (str(exc).strip().splitlines() or [type(exc).__name__])[0])
-    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def damaged(path, reason, remedy):
@@ -175,17 +168,18 @@ def read_json(path, remedy):
     return obj
 
 
-def writable_folder(path, key):
-    """Check before any long work that `path` is a folder this process can write in, or can be made one; creates
-    nothing, so a run stopped by a later check leaves no trace."""
-    path = Path(path)
-    existing = nearest_existing(path)
-    if not existing.is_dir():
-        raise ConfigError(key, f"{path} cannot be a folder: {existing} is a file")
-    try:
-        tempfile.TemporaryFile(dir=existing).close()
-    except OSError as e:
-        raise ConfigError(key, f"{path} is not writable ({existing}: {e.strerror or e})") from None
+def writable_folder(path, key, inside=()):
+    """Check before any long work that `path` is a folder this process can write in, or can be made one, and so
+    are its subfolders named `inside` (a run folder's models: one made read-only, or a file in its place, would
+    fail only when that model is saved); creates nothing, so a run stopped by a later check leaves no trace."""
+    for folder in (Path(path), *(Path(path) / name for name in inside)):
+        existing = nearest_existing(folder)
+        if not existing.is_dir():
+            raise ConfigError(key, f"{folder} cannot be a folder: {existing} is a file")
+        try:
+            tempfile.TemporaryFile(dir=existing).close()
+        except OSError as e:
+            raise ConfigError(key, f"{folder} is not writable ({existing}: {e.strerror or e})") from None
 
 
 def nearest_existing(path):

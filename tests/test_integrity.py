@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 import yaml
 
 import kd.device
+import kd.errors
 import kd.store
 import run
 
@@ -109,7 +111,9 @@ def test_a_damaged_checkpoint_is_refused_in_one_line(study, file, unfinish, dama
         DAMAGE[damage](Path(file))
     before = state_of(study)
     err = one_error_line.study("study.yaml", "--resume")
-    assert f"{file} is damaged" in err and "delete" in err, err
+    # the run folder is the project's own; a teacher checkpoint may be anyone's file: never 'delete it'
+    remedy = "point teacher.checkpoint at a new path" if file == "teacher.pt" else "delete runs/smoke/"
+    assert f"{file} is damaged" in err and remedy in err, err
     assert damage != "planted" or "could run code" in err, err
     assert state_of(study) == before and not list(study.rglob("ran-code"))  # nothing unpickled ran
 
@@ -173,6 +177,7 @@ def blocker(path):
 
 FOLDERS = {  # a config key, the change that points it at a file, the file
     "output_dir": ({}, "runs"),
+    "output_dir ": ({}, "runs/smoke/kd"),  # a model's folder inside the run folder
     "teacher.checkpoint": ({"teacher": {"checkpoint": "taken/teacher.pt"}}, "taken"),
     "data.root": ({"data": {"root": "data"}}, "data"),
 }
@@ -185,8 +190,25 @@ def test_a_file_where_a_folder_should_be_stops_the_run_before_any_training(key, 
     changes, file = FOLDERS[key]
     blocker(file)
     err = one_error_line.study(write(smoke(**changes)))
-    assert f"{key}: {file}" in err, err
+    assert f"{key.strip()}: {file}" in err, err
     assert not Path("teacher.pt").exists() and not Path("taken/teacher.pt").exists()
+
+
+def test_a_model_folder_that_cannot_be_written_stops_the_run_before_any_training(tmp_path, monkeypatch,
+                                                                                 one_error_line):
+    """A stage's folder left read-only (a copied run, another user's) would fail only when that stage saves."""
+    monkeypatch.chdir(tmp_path)
+    Path("runs/smoke/kd").mkdir(parents=True)
+    temporary_file = tempfile.TemporaryFile
+
+    def refuse_in_kd(dir=None, **kwargs):  # as chmod a-w would, also for root, whom chmod does not stop
+        if Path(dir).name == "kd":
+            raise PermissionError(13, "Permission denied")
+        return temporary_file(dir=dir, **kwargs)
+    monkeypatch.setattr(kd.store.tempfile, "TemporaryFile", refuse_in_kd)
+    err = one_error_line.study(write(smoke()))
+    assert "output_dir: runs/smoke/kd is not writable (" in err and "Permission denied" in err, err
+    assert not Path("teacher.pt").exists()
 
 
 def test_a_teacher_checkpoint_that_is_a_folder_is_refused(tmp_path, monkeypatch, one_error_line):
@@ -333,8 +355,8 @@ def test_kill_9_mid_training_resumes_to_the_uninterrupted_result(tmp_path, asser
 
 
 def test_a_foreign_error_in_a_one_line_message_loses_its_escape_codes_and_is_cut_at_a_word():
-    line = kd.store.first_line(RuntimeError("\x1b[1mWeights only\x1b[0m load failed " + "because " * 30 + "\nmore"))
-    assert line.startswith("Weights only load failed because") and line.endswith("because ...") and len(line) <= 124
+    line = kd.errors.first_line(RuntimeError("\x1b[1mWeights only\x1b[0m load failed " + "because " * 30 + "\nmore"))
+    assert line.startswith("Weights only load failed because") and line.endswith("because ...") and len(line) <= 164
     assert "\x1b" not in line and "more" not in line
 
 

@@ -67,8 +67,15 @@ class Students:
             "seed": self.cfg.seed, "student_seed": seed,
             "teacher": self.teacher.digest if stage.uses_teacher else None,
             "cache": to_dict(self.cfg.cache, "results") if self.replays(stage) else None})
-        made, name = fingerprint(identity), stage.name if self.cfg.seeds is None else f"{stage.name}/seed{seed}"
+        made, name = fingerprint(identity), self.folder_name(stage, seed)
         return Job(stage, seed, name, identity, made, self.setting.folder.reuse(name, made, identity))
+
+    def folder_name(self, stage, seed):
+        """The student's folder in the run folder: the stage's name, and a folder per seed when there are seeds."""
+        return stage.name if self.cfg.seeds is None else f"{stage.name}/seed{seed}"
+
+    def folder_names(self):
+        return [self.folder_name(stage, seed) for stage in self.cfg.stages for seed in self.cfg.student_seeds]
 
     def run(self):
         """{stage name: [its seeds' Results]}, each job trained or reused in turn."""

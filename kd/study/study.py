@@ -24,7 +24,7 @@ class Study:
         and made for this study, every model and method of the study runs one real training step on the training
         device, and with deploy.onnx the untrained teacher and student export to ONNX (and int8)."""
         s = self.setting
-        writable_folder(s.folder.root, "output_dir")
+        writable_folder(s.folder.root, "output_dir", inside=["teacher", *self.students.folder_names()])
         deploy = results.deploy_module() if s.cfg.deploy.onnx else None
         self.teacher.check()
         self.students.check()

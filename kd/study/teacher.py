@@ -6,13 +6,17 @@ from pathlib import Path
 from kd.config import to_dict
 from kd.deploy import card as cards
 from kd.device import barrier
-from kd.errors import ConfigError
+from kd.errors import ConfigError, first_line
 from kd.log import info
 from kd.store import LAST, canonical, content_digest, differences, fingerprint, load, save, writable_folder
 from kd.train.distiller import Distiller, Taps, feature_layers
 from kd.train.models import load_weights
 from kd.train.preflight import dry_step
 from kd.train.trainer import Run
+
+# The way out when the checkpoint cannot be used. Never 'delete it': the file may be anyone's (a download, a
+# colleague's teacher, a file named by mistake), and the project only removes what it wrote.
+RETRAIN = "point teacher.checkpoint at a new path to train the teacher this config describes there"
 
 
 class Teacher:
@@ -93,16 +97,14 @@ class Teacher:
         """Load the checkpoint into the teacher: its digest checked (one made elsewhere may have none), its
         provenance compared with this config's teacher; the teacher is then identified by its weights."""
         start = time.perf_counter()
-        ckpt = load(self.path, "delete it to train the teacher again, or point teacher.checkpoint elsewhere",
-                    unsigned_ok=True)
+        ckpt = load(self.path, RETRAIN, unsigned_ok=True)
         info(f"[teacher] loaded {self.path} ({self.path.stat().st_size / 2**20:.1f} MiB, its digest checked where "
              f"it has one) in {time.perf_counter() - start:.2f} s")
         try:
             self.model.load_state_dict(ckpt["model"])
         except (RuntimeError, KeyError, TypeError, AttributeError) as e:
             raise ConfigError("teacher.checkpoint", f"{self.path} does not hold a '{self.cfg.name}' for this data "
-                              f"({(str(e).splitlines() or [type(e).__name__])[0]}); point it elsewhere or delete "
-                              "it to retrain") from None
+                              f"({first_line(e)}); {RETRAIN}") from None
         changed = cards.mismatch(ckpt["card"], self.card(None)) if "card" in ckpt else []
         self.note = self.provenance(ckpt.get("identity"), changed)
         self.digest, self.training = content_digest(ckpt["model"]), ckpt.get("train", {})
@@ -120,8 +122,7 @@ class Teacher:
         else:
             what = "expects other input (" + "; ".join(card_changes) + ")"
         if not self.cfg.accept_checkpoint:
-            raise ConfigError("teacher.checkpoint", f"{self.path} {what}; delete it or point teacher.checkpoint "
-                              "elsewhere to train the teacher this config describes, or set "
+            raise ConfigError("teacher.checkpoint", f"{self.path} {what}; {RETRAIN}, or set "
                               "teacher.accept_checkpoint: true to use it as it is")
         info(f"[teacher] using {self.path} although it {what}, as teacher.accept_checkpoint says")
         return what

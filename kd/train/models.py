@@ -5,9 +5,8 @@ import torch
 import torchvision
 from torch import nn
 
-from kd.errors import ConfigError, did_you_mean
+from kd.errors import ConfigError, did_you_mean, first_line
 from kd.registry import Registry, check_kwargs, keyword_params
-from kd.store import first_line
 
 MODELS = Registry("model", context=("in_channels", "num_classes", "image_size"))
 SMALL_IMAGE = 64  # at or below this size, ResNets keep full resolution in the stem (CIFAR-style)
