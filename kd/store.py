@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,21 @@ def differences(old, new, most=4):
     return changed[:most] + ([f"and {len(changed) - most} more"] if len(changed) > most else [])
 
 
+def file_problem(path):
+    """Why `path` cannot be read as a file, or None, by its stat alone: nothing is opened, since reading a FIFO
+    named like a checkpoint or an image would wait forever."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return f"a link to {os.readlink(path)}, which does not exist" if os.path.islink(path) else "no such file"
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    if stat.S_ISREG(mode):
+        return None
+    return ("a folder, not a file" if stat.S_ISDIR(mode) else "a FIFO (named pipe), not a file"
+            if stat.S_ISFIFO(mode) else "a socket or device, not a file")
+
+
 def damaged(path, reason, remedy):
     return KDError(f"{path} is damaged ({reason}); {remedy}")
 
@@ -129,8 +145,8 @@ def load(path, remedy, unsigned_ok=False):
     longer matches its digest, is one line naming it and `remedy`. Always `weights_only`: tensors and plain
     containers, nothing that runs code on unpickling, since a run folder or checkpoint may come from anyone.
     `unsigned_ok`: files made elsewhere (a downloaded teacher) may carry no digest; they are read as they are."""
-    if not Path(path).is_file():
-        raise KDError(f"{path}: {'a folder, not a file' if Path(path).is_dir() else 'no such file'}; {remedy}")
+    if problem := file_problem(path):
+        raise KDError(f"{path}: {problem}; {remedy}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -308,8 +308,8 @@ def test_image_inputs_that_are_not_plain_image_files_are_one_line_each(tmp_path,
     Image.new("1", (15000, 15000)).save(tmp_path / "bomb.png")  # 225 million pixels in a few kB
     Image.new("1", (10000, 10000)).save(tmp_path / "huge.png")  # over Pillow's warning limit, under its error one
     assert (tmp_path / "bomb.png").stat().st_size < 100_000
-    says = {"folder.png": "a folder, not a file", "broken.png": "no such file (a link to a missing one)",
-            "fifo.png": "not a regular file (a pipe, socket or device)",
+    says = {"folder.png": "a folder, not a file", "broken.png": "a link to ",
+            "fifo.png": "a FIFO (named pipe), not a file",
             "bomb.png": "too large to decode safely (Image size (225000000 pixels) exceeds limit of",
             "huge.png": "too large to decode safely (Image size (100000000 pixels) exceeds limit of"}
 

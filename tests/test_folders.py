@@ -157,13 +157,13 @@ def plant(path, kind):
     """Something named like an image at `path` that cannot be used as one; returns what the refusal says it is."""
     if kind == "folder":
         path.mkdir()
-        return "is a folder, not an image file"
+        return ": a folder, not a file; an image folder holds image files"
     if kind == "broken link":
         path.symlink_to(path.parent / "gone.png")
         return "which does not exist"
     if kind == "fifo":
         os.mkfifo(path)  # opening one to read would wait for a writer forever
-        return "is a FIFO (named pipe), not an image file"
+        return ": a FIFO (named pipe), not a file"
     path.write_bytes(bomb_png())
     return "is too large to decode safely, a decompression bomb?"
 
@@ -212,7 +212,7 @@ def test_the_streamed_imagenet_path_refuses_what_is_no_image_file_while_listing(
     says = plant(tmp_path / "train" / "dog" / "x.png", kind)
     with pytest.raises(ConfigError, match="data.root: ") as e:
         build_data(cfg)
-    assert f"{tmp_path / 'train' / 'dog' / 'x.png'} " in str(e.value) and says in str(e.value), e.value
+    assert f"{tmp_path / 'train' / 'dog' / 'x.png'}" in str(e.value) and says in str(e.value), e.value
 
 
 def test_a_decompression_bomb_met_by_a_loader_worker_is_one_line(tmp_path):

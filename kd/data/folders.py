@@ -16,7 +16,6 @@ import io
 import multiprocessing
 import os
 import re
-import stat
 import tarfile
 import time
 import zlib
@@ -29,7 +28,7 @@ from torch.utils.data import Dataset
 
 from kd.errors import ConfigError, first_line
 from kd.log import Progress, info
-from kd.store import atomic, free_bytes
+from kd.store import atomic, file_problem, free_bytes
 
 SPLITS = ("train", "test")
 HELD_OUT = ("test", "val")  # the folder of the split models are tested on: test/, or val/ as ImageNet names it
@@ -78,24 +77,11 @@ def _split(name):
 
 
 def file_stat(path):
-    """os.stat of what is named like an image, or one line saying what else it is: a folder, a FIFO (never opened:
-    reading one waits forever), a link to nothing."""
-    path = Path(path)
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        if not path.is_symlink():
-            raise
-        raise ConfigError("data.root", f"{path} is a symbolic link to {os.readlink(path)}, which does not exist; "
-                          f"point it at an image or move it out of {path.parent}") from None
-    except OSError as e:
-        raise ConfigError("data.root", f"{path} cannot be read ({e.strerror or e})") from None
-    if not stat.S_ISREG(st.st_mode):
-        kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode)
-                else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device")
-        raise ConfigError("data.root", f"{path} is {kind}, not an image file; image folders hold image files under "
-                          f"image names: rename it or move it out of {path.parent}")
-    return st
+    """os.stat of what is named like an image, or one line saying what else it is (kd/store.py file_problem)."""
+    if problem := file_problem(path):
+        raise ConfigError("data.root", f"{path}: {problem}; an image folder holds image files under image names: "
+                          f"rename it, or move it out of {Path(path).parent}")
+    return Path(path).stat()
 
 
 def _entries(source):

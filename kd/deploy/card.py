@@ -2,8 +2,6 @@
 names, and what made it), stored in its checkpoint and in its ONNX files, so one file rebuilds, feeds and labels
 the model without the study's config."""
 import math
-import os
-import stat
 import warnings
 
 import torch
@@ -11,8 +9,8 @@ from PIL import Image, UnidentifiedImageError
 
 from kd.config import MAX_IMAGE_SIZE
 from kd.data.datasets import eval_transform
-from kd.errors import KDError
-from kd.store import differences, first_line, load
+from kd.errors import KDError, first_line
+from kd.store import differences, file_problem, load
 from kd.train.models import create_model
 
 
@@ -86,7 +84,7 @@ def load_checkpoint(path):
     """(model with its weights, card) from a checkpoint this toolkit wrote: a stage's best.pt or a teacher. Its
     card is checked, and the model run once on a blank image of the card's input to check its outputs."""
     remedy = "point to a best.pt or teacher checkpoint written by this toolkit"
-    if (reason := not_a_file(path)) is not None:  # a pipe or a broken link named as what it is
+    if (reason := file_problem(path)) is not None:  # a pipe or a broken link named as what it is
         raise KDError(f"{path}: {reason}; {remedy}")
     ckpt = load(path, remedy, unsigned_ok=True)
     if "card" not in ckpt or "model" not in ckpt:
@@ -115,24 +113,11 @@ def load_checkpoint(path):
     return model, card
 
 
-def not_a_file(path):
-    """Why `path` cannot be read as a file, or None: checked before opening, so a FIFO never blocks the read."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return "no such file (a link to a missing one)" if os.path.islink(path) else "no such file"
-    except OSError as e:
-        return f"unreadable ({e.strerror or e})"
-    if stat.S_ISREG(mode):
-        return None
-    return "a folder, not a file" if stat.S_ISDIR(mode) else "not a regular file (a pipe, socket or device)"
-
-
 def read_image(path, card):
     """One image file as the model sees it: (C, H, W) float tensor, converted, resized, cropped, normalised.
     Images with more pixels than Pillow's decompression-bomb limit are refused before they are decoded."""
     i = card["input"]
-    if (reason := not_a_file(path)) is not None:
+    if (reason := file_problem(path)) is not None:
         raise KDError(f"{path}: {reason}")
     try:
         with warnings.catch_warnings():

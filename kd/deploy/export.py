@@ -16,9 +16,9 @@ from onnx import numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from kd.deploy.card import check_outputs, checked, load_checkpoint, not_a_file, read_image
+from kd.deploy.card import check_outputs, checked, load_checkpoint, read_image
 from kd.errors import KDError, first_line
-from kd.store import atomic, content_digest, damaged
+from kd.store import atomic, content_digest, damaged, file_problem
 
 OPSET = 18  # the torch.export-based exporter's lowest: the widest range of onnxruntime releases runs it
 CARD = "kd.card"  # metadata key holding the card as JSON
@@ -114,7 +114,7 @@ def open_file(path):
     """(the bytes of an ONNX file `export` wrote, its card), checked: a valid card, weights that match their
     digest, and as many outputs as the card has classes where the graph fixes that number. The bytes checked
     are the bytes run."""
-    if (reason := not_a_file(path)) is not None:
+    if (reason := file_problem(path)) is not None:
         raise KDError(f"{path}: {reason}")
     try:
         data = Path(path).read_bytes()
