@@ -144,7 +144,7 @@ class DataConfig:
             _check(v is None or v >= 1, f"{key}.{name}", "must be >= 1 or null", v)
         _check(self.batch_size >= 1, f"{key}.batch_size", "must be >= 1", self.batch_size)
         _check(self.eval_batch_size >= 1, f"{key}.eval_batch_size", "must be >= 1", self.eval_batch_size)
-        _check(self.num_workers >= 0, f"{key}.num_workers", "must be >= 0", self.num_workers)
+        _check(0 <= self.num_workers <= 256, f"{key}.num_workers", "must be in [0, 256]", self.num_workers)
         _choice(self.pipeline, ("auto", "tensor", "loader"), f"{key}.pipeline")
         for name in ("mean", "std"):
             _check(getattr(self, name) != [], f"{key}.{name}", "must list one value per channel, or be null", [])
@@ -185,7 +185,7 @@ class TrainConfig:
         _choice(self.optimizer, ("sgd", "adamw"), f"{key}.optimizer")
         _check(0 < self.lr <= MAX_LR, f"{key}.lr", f"must be in (0, {MAX_LR}]", self.lr)
         _check(0 <= self.momentum < 1, f"{key}.momentum", "must be in [0, 1)", self.momentum)
-        _check(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0", self.weight_decay)
+        _check(0 <= self.weight_decay <= 10, f"{key}.weight_decay", "must be in [0, 10]", self.weight_decay)
         _choice(self.schedule, ("cosine", "onecycle", "step", "constant"), f"{key}.schedule")
         _check(0 <= self.warmup_epochs <= max(self.epochs, 0), f"{key}.warmup_epochs",
                f"must be in [0, epochs={self.epochs}]", self.warmup_epochs)
@@ -278,9 +278,9 @@ class EvalConfig:
     repeats: int = _setting(20)
 
     def validate(self, key):
-        for name in ("batch_size", "repeats"):
-            _check(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1", getattr(self, name))
-        _check(self.warmup >= 0, f"{key}.warmup", "must be >= 0", self.warmup)
+        _check(self.batch_size >= 1, f"{key}.batch_size", "must be >= 1", self.batch_size)
+        _check(1 <= self.repeats <= 10_000, f"{key}.repeats", "must be in [1, 10000]", self.repeats)
+        _check(0 <= self.warmup <= 10_000, f"{key}.warmup", "must be in [0, 10000]", self.warmup)
 
 
 @dataclass
@@ -328,8 +328,8 @@ class Config:
         for key, seed in [("seed", self.seed), ("data.split_seed", self.data.split_seed),
                           *((f"seeds[{i}]", s) for i, s in enumerate(self.seeds or []))]:
             _check(0 <= seed < 2 ** 32, key, "must be in [0, 2**32)", seed)
-        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
-               "must be auto, cpu, cuda or cuda:N", self.device)
+        _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device), "device", "must be auto, cpu, cuda or cuda:N",
+               self.device)
         self.data.validate("data")
         self.teacher.train.validate("teacher.train")
         self.train.validate("train")
@@ -513,6 +513,8 @@ def load_config(path, overrides=()):
         raise KDError(f"{path}: cannot read config ({e.strerror})") from None
     except UnicodeDecodeError:
         raise KDError(f"{path}: not a UTF-8 text file") from None
+    except RecursionError:
+        raise KDError(f"{path}: invalid YAML (nested too deeply to read: a config is a few levels deep)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

@@ -147,6 +147,9 @@ def load(path, remedy, unsigned_ok=False):
     `unsigned_ok`: files made elsewhere (a downloaded teacher) may carry no digest; they are read as they are."""
     if problem := file_problem(path):
         raise KDError(f"{path}: {problem}; {remedy}")
+    with open(path, "rb") as f:  # torch.save's zip archive, or its legacy pickle
+        if unsigned_ok and not f.read(4).startswith((b"PK\x03\x04", b"\x80")):  # a file named by the user
+            raise KDError(f"{path}: not a PyTorch checkpoint (a file of another kind); {remedy}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -115,6 +115,10 @@ def test_method_parameters_sit_beside_the_name(tmp_path):
                  "'teacher' (printable, at most 100 bytes), got 'sssss", id="name-too-long-for-a-folder"),
     pytest.param({"train": {"amp": ["x"] * 1000}}, "train.amp: expected str, got ['x', 'x', 'x', 'x', ...]",
                  id="long-value-shown-short"),
+    pytest.param({"device": "cuda:abc"}, "device: must be auto, cpu, cuda or cuda:N, got 'cuda:abc'", id="device"),
+    pytest.param({"data": {"num_workers": 10_000}}, "data.num_workers: must be in [0, 256]", id="workers"),
+    pytest.param({"train": {"weight_decay": 1e300}}, "train.weight_decay: must be in [0, 10]", id="weight-decay"),
+    pytest.param({"eval": {"repeats": 10 ** 9}}, "eval.repeats: must be in [1, 10000]", id="repeats"),
     pytest.param({"seed": -1}, "seed: must be in [0, 2**32), got -1", id="negative-seed"),
     pytest.param({"seeds": [0, 2 ** 40]}, "seeds[1]: must be in [0, 2**32), got 1099511627776", id="huge-seed"),
     pytest.param({"train": {"lr": float("inf")}}, "train.lr: expected a finite number, got inf", id="inf-lr"),
@@ -327,6 +331,12 @@ def test_an_alias_bomb_is_refused_before_it_is_built(tmp_path, one_error_line):
     path.write_text("\n".join(lines) + "\n")
     line = one_error_line.cli("--config", path)
     assert "aliases (*name) expand it to more than 100,000 values" in line and len(line) < 300, line
+
+
+def test_a_config_nested_past_reason_is_one_line(tmp_path, one_error_line):
+    path = tmp_path / "deep.yaml"
+    path.write_text("name: deep\nstages: [{name: b}]\ntrain: {milestones: " + "[" * 50_000 + "]" * 50_000 + "}\n")
+    assert "invalid YAML (nested too deeply to read" in one_error_line.cli("--config", path)
 
 
 def test_a_few_aliases_are_still_welcome(tmp_path):

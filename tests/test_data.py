@@ -15,7 +15,7 @@ from torchvision import transforms as T
 import kd.data.datasets
 from kd.config import AugmentConfig, DataConfig
 from kd.data.datasets import DATASETS, build_data, eval_loaders, train_loader
-from kd.errors import KDError
+from kd.errors import ConfigError, KDError
 
 CIFAR_NORM = T.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 FMNIST_NORM = T.Normalize((0.2860,), (0.3530,))
@@ -279,8 +279,11 @@ def test_train_subset_keeps_the_val_split(cifar):
     sub = build_data(data_config(cifar.root, val_size=8, train_subset=5))
     assert sub.val.indices == full.val.indices
     assert sub.train.indices == full.train.indices[:5]
-    capped = build_data(data_config(cifar.root, val_size=8, train_subset=1000))  # more than there are: all of them
-    assert capped.train.indices == full.train.indices
+    # more than there are is refused, never silently all of them: the report would name a size never trained on
+    with pytest.raises(ConfigError, match=f"data.train_subset: 1000 is more than the {len(full.train)} training "):
+        build_data(data_config(cifar.root, val_size=8, train_subset=1000))
+    with pytest.raises(ConfigError, match=f"data.test_subset: 1000 is more than the {len(full.test)} test images"):
+        build_data(data_config(cifar.root, val_size=8, test_subset=1000))
 
 
 def test_a_recipes_subset_is_a_prefix_of_the_training_images_in_both_pipelines(cifar):
@@ -297,7 +300,6 @@ def test_a_recipes_subset_is_a_prefix_of_the_training_images_in_both_pipelines(c
 
 def test_test_subset_takes_the_first_test_images(cifar):
     assert labels(build_data(data_config(cifar.root, val_size=8, test_subset=3)).test) == cifar.test_y[:3]
-    assert len(build_data(data_config(cifar.root, val_size=8, test_subset=1000)).test) == CIFAR_PER_BATCH
 
 
 def test_split_depends_on_split_seed_only(cifar):

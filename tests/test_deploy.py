@@ -167,7 +167,7 @@ def test_bad_model_and_image_files_get_one_line_each(tmp_path, capsys, one_error
     kd.store.save({"model": cards.build(small_card()).state_dict()}, tmp_path / "no_card.pt")
     wider = {**small_card(), "model": {"name": "cnn", "kwargs": {"channels": [16, 32], "blocks": 1}}}
     kd.store.save({"model": cards.build(small_card()).state_dict(), "card": wider}, tmp_path / "wrong_card.pt")
-    for model, says in (("garbage.pt", "is damaged"), ("garbage.onnx", "not an ONNX file"),
+    for model, says in (("garbage.pt", "not a PyTorch checkpoint"), ("garbage.onnx", "not an ONNX file"),
                         ("no_card.pt", "carries no card"),
                         ("wrong_card.pt", "weights do not fit the model its card describes (size mismatch for ")):
         assert says in one_error_line.cli("predict", tmp_path / model, image)

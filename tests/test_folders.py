@@ -199,6 +199,23 @@ def test_a_decompression_bomb_inside_a_shard_is_refused_naming_it(tmp_path):
     assert "train/emu/x.png" in str(e.value) and "decompression bomb" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_shard_member_that_expands_to_gigabytes_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """A few compressed bytes can declare a member far larger than memory; its declared size is refused first."""
+    monkeypatch.setattr(kd.data.folders, "MAX_FILE_BYTES", 1 << 20)  # the same check, at a size cheap to write
+    write_folders(tmp_path / "src")
+    (tmp_path / "src" / "train" / "emu" / "x.png").write_bytes(bytes(2 << 20))
+    root = tmp_path / "data"
+    root.mkdir()
+    with tarfile.open(root / "images.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "src" / "train", "train")
+        tar.add(tmp_path / "src" / "test", "test")
+    with pytest.raises(ConfigError, match=r"train/emu/x.png in .*images.tar.gz is 2 MiB, more than the 1 MiB an image "
+                                          "file here may hold"):
+        build_data(data_cfg(root))
+    with pytest.raises(ConfigError, match=r"src/train/emu/x.png is 2 MiB, more than the 1 MiB"):  # a folder's too
+        build_data(data_cfg(tmp_path / "src"))
+
+
 def imagenet_folders(root):
     """ImageNet's layout (train/<class>/, val/<class>/) of 12 px images, read from the folders at any size above 64."""
     write_folders(root, n_train=3, n_test=2)

@@ -113,7 +113,9 @@ def test_a_damaged_checkpoint_is_refused_in_one_line(study, file, unfinish, dama
     err = one_error_line.study("study.yaml", "--resume")
     # the run folder is the project's own; a teacher checkpoint may be anyone's file: never 'delete it'
     remedy = "point teacher.checkpoint at a new path" if file == "teacher.pt" else "delete runs/smoke/"
-    assert f"{file} is damaged" in err and remedy in err, err
+    # random bytes where a teacher checkpoint (anyone's file) should be are not taken for a damaged checkpoint
+    says = f"{file}: not a PyTorch checkpoint" if (file, damage) == ("teacher.pt", "garbled") else f"{file} is damaged"
+    assert says in err and remedy in err, err
     assert damage != "planted" or "could run code" in err, err
     assert state_of(study) == before and not list(study.rglob("ran-code"))  # nothing unpickled ran
 
@@ -209,6 +211,19 @@ def test_a_model_folder_that_cannot_be_written_stops_the_run_before_any_training
     err = one_error_line.study(write(smoke()))
     assert "output_dir: runs/smoke/kd is not writable (" in err and "Permission denied" in err, err
     assert not Path("teacher.pt").exists()
+
+
+def test_a_teacher_checkpoint_that_is_someone_elses_file_is_named_for_what_it_is(tmp_path, monkeypatch,
+                                                                                  one_error_line):
+    """`teacher.checkpoint: README.md` is not a damaged checkpoint, and is not the project's to tell anyone to
+    delete."""
+    monkeypatch.chdir(tmp_path)
+    Path("README.md").write_text("# my project\n")
+    err = one_error_line.study(write(smoke(teacher={"checkpoint": "README.md"})))
+    assert "README.md: not a PyTorch checkpoint (a file of another kind); point teacher.checkpoint at a new path" \
+        in err, err
+    assert "damaged" not in err and "delete" not in err
+    assert Path("README.md").read_text() == "# my project\n"
 
 
 def test_a_teacher_checkpoint_that_is_a_folder_is_refused(tmp_path, monkeypatch, one_error_line):

@@ -284,6 +284,11 @@ def build_data(cfg, device=torch.device("cpu"), distributed=False, cache=Path(Ca
         raise ConfigError("data.val_size", f"{cfg.val_size} leaves no training images (the training split has {n})")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.split_seed)).tolist()
     val_idx, train_idx = [kept[i] for i in order[:cfg.val_size]], [kept[i] for i in order[cfg.val_size:]]
+    for key, asked, there, what in (("data.train_subset", cfg.train_subset, len(train_idx),
+                                     "training images left after data.val_size"),
+                                    ("data.test_subset", cfg.test_subset, len(test_kept), "test images")):
+        if asked and asked > there:
+            raise ConfigError(key, f"{asked} is more than the {there} {what}; lower it, or set null for all of them")
     if cfg.train_subset:
         train_idx = train_idx[:cfg.train_subset]
     test = Subset(s.test, test_kept[:cfg.test_subset or len(test_kept)])

@@ -36,6 +36,7 @@ NAMES = ("words.txt", "classes.txt")  # class names: '<folder>\t<name>' lines (I
 SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 ARCHIVES = (".tar", ".tar.gz", ".tgz")
 FORMAT = "3"  # of the decoded file: a change decodes again
+MAX_FILE_BYTES = 64 << 20  # an image or class-names file, read whole: far past any image decoded into memory
 CHUNK = 2048  # images per task of the decoding processes; fewer images than two chunks decode in this process
 
 
@@ -87,21 +88,31 @@ def file_stat(path):
 def _entries(source):
     """(split, class, name, size, mtime, read) for every image file under the source, folders in sorted order, an
     archive in its own order (a compressed archive reads forwards only). Anything in a class folder named like an
-    image but not a regular file is refused before it is opened."""
+    image but not a regular file, or larger than MAX_FILE_BYTES, is refused before it is read."""
     if source.is_dir():
         for path in sorted(source.glob("*/*/*")):
             split, cls = _split(path.parts[-3]), path.parts[-2]
             if split and path.suffix.lower() in SUFFIXES:
                 st = file_stat(path)
+                _check_size(path, st.st_size)
                 yield split, cls, path.relative_to(source).as_posix(), st.st_size, st.st_mtime_ns, path.read_bytes
         return
     with tarfile.open(source, "r|*") as tar:  # a stream: forwards only, each member read as it comes
         for m in tar:
             parts = Path(m.name).parts
-            if m.isfile() and len(parts) >= 3 and _split(parts[-3]) and Path(m.name).suffix.lower() in SUFFIXES:
-                yield _split(parts[-3]), parts[-2], m.name, m.size, m.mtime, tar.extractfile(m).read
-            elif m.isfile() and Path(m.name).name in NAMES:
-                yield None, None, m.name, m.size, m.mtime, tar.extractfile(m).read
+            image = len(parts) >= 3 and _split(parts[-3]) and Path(m.name).suffix.lower() in SUFFIXES
+            if m.isfile() and (image or Path(m.name).name in NAMES):
+                _check_size(f"{m.name} in {source}", m.size)
+                split, cls = (_split(parts[-3]), parts[-2]) if image else (None, None)
+                yield split, cls, m.name, m.size, m.mtime, tar.extractfile(m).read
+
+
+def _check_size(name, size):
+    """A file read whole into memory is refused when no image of a small-image dataset could be that large (an
+    archive member can declare gigabytes that its few compressed bytes expand to)."""
+    if size > MAX_FILE_BYTES:
+        raise ConfigError("data.root", f"{name} is {size / 2**20:.0f} MiB, more than the {MAX_FILE_BYTES >> 20} MiB "
+                          "an image file here may hold; move it out of the dataset")
 
 
 def _key(sources):

@@ -7,6 +7,7 @@ from torch import nn
 
 from kd.errors import ConfigError, did_you_mean, first_line
 from kd.registry import Registry, check_kwargs, keyword_params
+from kd.store import file_problem
 
 MODELS = Registry("model", context=("in_channels", "num_classes", "image_size"))
 SMALL_IMAGE = 64  # at or below this size, ResNets keep full resolution in the stem (CIFAR-style)
@@ -115,8 +116,8 @@ def load_weights(model, name, weights, key):
                                    "save a state dict locally and give its path instead") from None
     else:
         path = Path(weights)
-        if not path.is_file():
-            raise ConfigError(key, f"weights file not found: {path}")
+        if problem := file_problem(path):
+            raise ConfigError(key, f"{path}: {problem}")
         try:  # weights_only: a state dict from anywhere is read as tensors, never run as code
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
