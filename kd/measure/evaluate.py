@@ -4,21 +4,38 @@ import time
 import weakref
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from torch.utils.data import DataLoader, Subset
 from torch.utils.flop_counter import FlopCounterMode
 
 from kd.device import autocast, synchronize
 
 
+def rank_share(loader):
+    """This process's contiguous share of the loader's images under torchrun, or None in a single process. Shares
+    differ in size by at most one image (a rank may have none) and hold every image once, with no sampler padding,
+    so the ranks' summed figures are the whole split's. The tensor pipeline is single-process, so a loader other than
+    a DataLoader is None too, and every rank runs it whole."""
+    if not dist.is_initialized() or dist.get_world_size() == 1 or not isinstance(loader, DataLoader):
+        return None
+    rank, world, n = dist.get_rank(), dist.get_world_size(), len(loader.dataset)
+    return DataLoader(Subset(loader.dataset, range(rank * n // world, (rank + 1) * n // world)), loader.batch_size,
+                      num_workers=loader.num_workers, pin_memory=loader.pin_memory, collate_fn=loader.collate_fn)
+
+
 @torch.inference_mode()
 def accuracy(model, loader, device, amp="off", memory_format=torch.preserve_format):
     """Top-1, top-5 and mean cross-entropy over a loader. Top-5 is None with 5 classes or fewer, where it would be
-    a trivial 100%. The sums stay on the device and are read once, at the end: no GPU sync per batch."""
+    a trivial 100%. The sums stay on the device and are read once, at the end: no GPU sync per batch. Under
+    torchrun each rank evaluates its share (`rank_share`) and the sums are added up across ranks, so every rank
+    gets the same figures, each image counted once."""
     model.eval()
+    share = rank_share(loader)
     sums, n, classes = torch.zeros(3, dtype=torch.float64, device=device), 0, None
-    for x, y, *_ in loader:  # the tensor pipeline also yields sample indices
+    for x, y, *_ in loader if share is None else share:  # the tensor pipeline also yields sample indices
         x, y = x.to(device, non_blocking=True, memory_format=memory_format), y.to(device, non_blocking=True)
         with autocast(device, amp):
             logits = model(x).float()
@@ -27,8 +44,14 @@ def accuracy(model, loader, device, amp="off", memory_format=torch.preserve_form
         sums += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(), (ranked[:, 0] == y).sum().double(),
                              (ranked == y[:, None]).any(1).sum().double()])
         n += y.numel()  # known on the host: a tensor made from it would be a copy to the device, and a sync
-    loss, top1, top5 = sums.tolist()
-    return {"top1": top1 / n, "top5": top5 / n if classes > 5 else None, "loss": loss / n}
+    wide = classes is not None and classes > 5  # top-5 means something; unknown on a rank that had no images
+    if share is None:
+        loss, top1, top5 = sums.tolist()
+    else:  # in float64 every count is exact; `wide` becomes the number of ranks that saw more than 5 classes
+        sums = torch.cat([sums, sums.new_tensor([n, wide])])
+        dist.all_reduce(sums)
+        loss, top1, top5, n, wide = sums.tolist()
+    return {"top1": top1 / n, "top5": top5 / n if wide else None, "loss": loss / n}
 
 
 def macs_per_image(model, image_shape, device):
