@@ -13,25 +13,38 @@ MODELS = Registry("model", context=("in_channels", "num_classes", "image_size"))
 SMALL_IMAGE = 64  # at or below this size, ResNets keep full resolution in the stem (CIFAR-style)
 
 
-@MODELS.register("resnet18")
-def resnet18(in_channels, num_classes, image_size, stem_stride: int = 1, stem: str = "auto"):
-    """torchvision's ResNet-18; for small images a 3x3 stem without max-pool, of stride 1 as is standard for CIFAR
-    (`stem_stride: 2` halves the resolution of every stage: a quarter of the compute, for quick teachers).
-    `stem: imagenet` keeps ImageNet's 7x7 stride-2 stem and max-pool at any size (at 64 px a 16th of the small
-    stem's compute); `small` and `auto` (small at 64 px or less) the small-image one."""
+def resnet(builder, in_channels, num_classes, image_size, stem_stride, stem):
+    """A torchvision ResNet by `builder`, its stem fitted to the images; parameter names stay torchvision's, so
+    torchvision's pretrained state dicts load into it."""
     small = stem == "small" or stem == "auto" and image_size <= SMALL_IMAGE
     if stem not in ("auto", "small", "imagenet") or stem == "small" and image_size > SMALL_IMAGE:
         raise ValueError(f"stem must be auto, small (images of {SMALL_IMAGE} px or less) or imagenet, got {stem!r} "
                          f"for {image_size} px")
     if stem_stride not in (1, 2, 4) or (stem_stride != 1 and not small):
         raise ValueError(f"stem_stride must be 1, 2 or 4 and applies to the small-image stem, got {stem_stride}")
-    model = torchvision.models.resnet18(num_classes=num_classes)
+    model = builder(num_classes=num_classes)
     if small:
         model.conv1 = nn.Conv2d(in_channels, 64, 3, stem_stride, 1, bias=False)
         model.maxpool = nn.Identity()
     elif in_channels != 3:
         model.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
     return model
+
+
+@MODELS.register("resnet18")
+def resnet18(in_channels, num_classes, image_size, stem_stride: int = 1, stem: str = "auto"):
+    """torchvision's ResNet-18; for small images a 3x3 stem without max-pool, of stride 1 as is standard for CIFAR
+    (`stem_stride: 2` halves the resolution of every stage: a quarter of the compute, for quick teachers).
+    `stem: imagenet` keeps ImageNet's 7x7 stride-2 stem and max-pool at any size (at 64 px a 16th of the small
+    stem's compute); `small` and `auto` (small at 64 px or less) the small-image one."""
+    return resnet(torchvision.models.resnet18, in_channels, num_classes, image_size, stem_stride, stem)
+
+
+@MODELS.register("resnet34")
+def resnet34(in_channels, num_classes, image_size, stem_stride: int = 1, stem: str = "auto"):
+    """torchvision's ResNet-34, the usual ImageNet teacher of a ResNet-18, with resnet18's stem options; its
+    pretrained weights (`teacher.weights`) load as they are with ImageNet's stem, the one `auto` gives above 64 px."""
+    return resnet(torchvision.models.resnet34, in_channels, num_classes, image_size, stem_stride, stem)
 
 
 def conv_bn_relu(c_in, c_out, stride):
