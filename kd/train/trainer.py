@@ -248,7 +248,14 @@ class Trainer:
                               f"{self.name}: {first_line(e)}; set it to off") from None
 
     def validate(self):
+        """The student's validation figures, the same on every rank. Under torchrun each rank's student has the
+        same parameters but its own batch-norm statistics: DistributedDataParallel sends rank 0's buffers before each
+        forward, and each rank's last forward then updated its own. Rank 0's, whose weights best.pt keeps, are sent
+        first, so every rank's share is evaluated with the weights of that checkpoint."""
         with self.clock.part("validation"):
+            if dist.is_initialized():
+                for buffer in self.distiller.student.buffers():
+                    dist.broadcast(buffer, 0)
             result = accuracy(self.distiller.student, self.val_loader, self.device, self.recipe.amp,
                               self.recipe.memory_format)
         self.distiller.student_taps.take()  # drop what validation recorded: a compiled step guards on the taps
