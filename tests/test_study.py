@@ -1,4 +1,5 @@
 """The study end to end: CLI run, report contents, reuse of finished stages, exact resume, real data."""
+import csv
 import json
 import subprocess
 import sys
@@ -11,7 +12,11 @@ import yaml
 import kd.study.setting
 import kd.train.trainer
 import run
-from kd.data.datasets import DEBIAN_FASHION_MNIST
+from kd.config import load_config
+from kd.data.datasets import DEBIAN_FASHION_MNIST, build_data, eval_loaders
+from kd.deploy import card as cards
+from kd.device import resolve_recipe
+from kd.measure.evaluate import accuracy
 from kd.train.distiller import Distiller
 from kd.train.trainer import Trainer
 
@@ -67,17 +72,40 @@ def test_cli_smoke_study_writes_reports_and_reuses_finished_stages(smoke_config,
 
 
 @pytest.mark.slow
-def test_torchrun_with_two_processes_trains_and_reports(smoke_config, root):
-    cfg = smoke_config(stages=[{"name": "kd_fitnets", "logit": {"name": "kd"},
+def test_torchrun_with_two_processes_trains_and_reports_what_one_process_measures(smoke_config, root):
+    # odd splits in batches of 16: shares of 31 and 32 images; a padded sampler would count one image twice
+    cfg = smoke_config(data={"val_size": 63, "test_subset": 63, "eval_batch_size": 16},
+                       stages=[{"name": "kd_fitnets", "logit": {"name": "kd"},
                                 "features": [{"name": "fitnets", "student": "stages.1", "teacher": "layer2"},
                                              {"name": "crd", "student": "pool", "teacher": "avgpool", "nce_k": 16}]}])
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(root / "run.py"), "--config", str(cfg), "--device", "cpu"],
                           capture_output=True, text=True, cwd=cfg.parent, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = (cfg.parent / "runs" / "smoke" / "kd_fitnets" / "metrics.csv").read_text().splitlines()
-    assert len(rows) == 3  # header + 2 epochs, written once (by rank 0)
+    stage = cfg.parent / "runs" / "smoke" / "kd_fitnets"
+    rows = list(csv.DictReader((stage / "metrics.csv").open()))
+    assert len(rows) == 2  # 2 epochs, written once (by rank 0)
     assert set(report_of(cfg)["models"]) == {"teacher", "kd_fitnets"}
+
+    # one process evaluating the saved weights on the same data (the DataLoader pipeline, as under torchrun)
+    config, cpu = load_config(cfg), torch.device("cpu")
+    data = build_data(config.data, cpu, distributed=True)
+    val, test = eval_loaders(data, config.data, cpu)
+    recipe = resolve_recipe("train", config.train, cpu, distributed=True)
+    result = json.loads((stage / "result.json").read_text())
+    model, _ = cards.load_checkpoint(stage / "best.pt")
+    one = {name: accuracy(model, loader, cpu, memory_format=recipe.memory_format)
+           for name, loader in (("val", val), ("test", test))}
+    assert (result["test_top1"], result["test_top5"]) == (one["test"]["top1"], one["test"]["top5"])  # to the image
+    assert result["test_loss"] == pytest.approx(one["test"]["loss"], rel=1e-6)
+    assert result["val_top1"] == one["val"]["top1"]
+    # each epoch's validation (as trained, in its precision) counted the whole split, with best.pt's weights
+    curve = result["training"]["curve"]["val_top1"]
+    assert all(abs(top1 * 63 - round(top1 * 63)) < 1e-9 for top1 in curve), curve
+    best = result["training"]["best_epoch"]
+    trained = accuracy(model, val, cpu, recipe.amp, recipe.memory_format)
+    assert curve[best - 1] == trained["top1"]
+    assert float(rows[best - 1]["val_loss"]) == pytest.approx(trained["loss"], rel=1e-5)  # 6 digits in the CSV
 
 
 @pytest.mark.slow
