@@ -378,9 +378,10 @@ def validate_runtime(cfg, device, world, data, memory):
     for key, train_cfg in (("teacher.train.amp", cfg.teacher.train), ("train.amp", cfg.train)):
         if train_cfg.amp == "fp16" and device.type != "cuda":
             raise ConfigError(key, "fp16 needs a CUDA device; use auto, bf16 or off on a CPU")
-    if cfg.cache.mode != "off" and not data.tensors:
-        raise ConfigError("cache.mode", "the teacher cache replays the tensor pipeline's augmentations; it needs "
-                                        "an in-memory dataset (cifar10, fashion_mnist) in one process")
+    if cfg.cache.mode != "off" and (not data.replayable or world > 1):
+        raise ConfigError("cache.mode", "the teacher cache replays augmentations drawn from (seed, view, index); it "
+                                        "needs an in-memory dataset (cifar10, fashion_mnist, small folders) or "
+                                        "streamed imagenet crops, in one process")
 
 
 def human_bytes(n):

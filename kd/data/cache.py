@@ -141,9 +141,10 @@ class TeacherCache:
         for view in range(views):
             loader.set_epoch(view)
             for batch in Progress(loader, f"[cache] view {view + 1}/{views}"):
+                batch = batch.to(recipe.device, recipe.memory_format)  # streamed batches come from the CPU
                 rows = batch.index.cpu().numpy()
                 with torch.inference_mode(), autocast(recipe.device, recipe.amp):
-                    logits = teacher(batch.images.to(memory_format=recipe.memory_format)).float()
+                    logits = teacher(batch.images).float()
                 features = taps.take()
                 if "logits" in arrays:
                     arrays["logits"][view, rows] = logits.cpu().numpy()

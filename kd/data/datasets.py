@@ -13,10 +13,11 @@ import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
 from kd.config import CacheConfig
 from kd.data import folders
-from kd.data.tensors import Batch, TensorLoader, from_subset, normalize
+from kd.data.tensors import Batch, TensorLoader, from_subset, normalize, resized_crop_params
 from kd.errors import ConfigError
 from kd.registry import Registry
 
@@ -57,6 +58,12 @@ class Data:
     @property
     def pipeline(self):
         return "tensor" if self.tensors else "loader"
+
+    @property
+    def replayable(self):
+        """Whether every training sample's augmentation is a function of (seed, view, index), as the teacher cache
+        needs: the tensor pipeline's, and streamed crops (StreamedCrops)."""
+        return bool(self.tensors) or isinstance(self.train.dataset, StreamedCrops)
 
     def first(self, n):
         """The same data with only its first `n` training images (None: all), as a recipe's `subset` asks. The
@@ -225,6 +232,35 @@ class ImageFiles(torchvision.datasets.ImageFolder):
         return samples
 
 
+class StreamedCrops(Dataset):
+    """Training images read from files, each cut by the random-resized crop and flip that `resized_crop_params`
+    draws for (seed, view, index): as in the tensor pipeline, the augmentation any sample saw is a function of those
+    three alone, not of a worker's random state, so the teacher cache replays streamed crops exactly and a resumed
+    run sees the crops it would have. The training loader sets `seed` and `view` (EpochLoader)."""
+
+    def __init__(self, files, size, scale, hflip, mean, std):
+        self.files, self.size, self.scale, self.hflip, self.mean, self.std = files, size, scale, hflip, mean, std
+        self.seed, self.view = 0, 0
+        self.samples, self.targets, self.classes, self.root = files.samples, files.targets, files.classes, files.root
+
+    def __len__(self):
+        return len(self.files)
+
+    def crop(self, i, height, width):
+        """(top, left, height, width, flip) of sample `i`'s crop in the current view, for an image of that size."""
+        top, left, h, w, flip = resized_crop_params(torch.tensor([i]), self.seed, self.view, self.scale, self.hflip,
+                                                    height, width)
+        return int(top), int(left), int(h), int(w), bool(flip)
+
+    def __getitem__(self, i):
+        image, label = self.files[i]
+        top, left, h, w, flip = self.crop(i, image.height, image.width)
+        image = TF.resized_crop(image, top, left, h, w, [self.size, self.size], antialias=True)
+        if flip:
+            image = TF.hflip(image)
+        return normalize(TF.pil_to_tensor(image)[None], self.mean, self.std)[0], label
+
+
 @DATASETS.register("imagenet")
 def imagenet(cfg, cache=None):
     """ImageNet-style data: train/<class>/* and val/<class>/* (val is the test split), as folders or as .tar(.gz)
@@ -239,14 +275,12 @@ def imagenet(cfg, cache=None):
                               "colour images (dataset: folders takes greyscale ones)")
         return Splits(train, plain, test, len(classes), 3, size, mean, std)
     scale = tuple(cfg.augment.resized_crop or (0.08, 1.0))  # torchvision's default, ImageNet's usual one
-    train_tf = T.Compose([T.RandomResizedCrop(size, scale=scale)] + ([T.RandomHorizontalFlip()] if cfg.augment.hflip
-                                                                      else [])
-                         + [T.ToTensor(), T.Normalize(mean, std)])
     resize = int(size * 256 / 224)
     eval_tf = eval_transform(size, resize, mean, std)
     root = Path(cfg.root)
     try:
-        train = ImageFiles(root / "train", transform=train_tf, loader=load_image)
+        files = ImageFiles(root / "train", loader=load_image)
+        train = StreamedCrops(files, size, scale, cfg.augment.hflip, mean, std)
         test = ImageFiles(root / "val", transform=eval_tf, loader=load_image)
     except (FileNotFoundError, OSError) as e:
         raise ConfigError("data.root", f"no ImageNet-style folders in {root} ({e}); expected train/<class>/*.jpg "
@@ -360,13 +394,21 @@ class Indexed(Dataset):
 
 class EpochLoader:
     """A torch DataLoader as a training loader, like TensorLoader: yields Batch, `set_epoch` reshuffles a
-    DistributedSampler's shares, and `generator` (the order and the workers' augmentation seeds) is the state a
-    checkpoint restores for exact resume."""
+    DistributedSampler's shares, and `generator` (the order and the workers' random state) is the state a
+    checkpoint restores for exact resume. Over streamed crops (StreamedCrops) it also sets, before each pass, the
+    augmentation seed and view (the epoch, or epoch % views), as TensorLoader does, and yields the view with each
+    batch for the teacher cache."""
 
-    def __init__(self, loader):
-        self.loader, self.generator = loader, loader.generator
+    def __init__(self, loader, crops=None, seed=0, views=None):
+        self.loader, self.generator, self.crops, self.seed, self.views = loader, loader.generator, crops, seed, views
+        self.view = 0
+
+    @property
+    def dataset_size(self):
+        return len(self.loader.dataset)
 
     def set_epoch(self, epoch):
+        self.view = epoch if self.views is None else epoch % self.views
         if isinstance(self.loader.sampler, DistributedSampler):
             self.loader.sampler.set_epoch(epoch)
 
@@ -374,7 +416,11 @@ class EpochLoader:
         return len(self.loader)
 
     def __iter__(self):
-        return (Batch(x, y, index) for x, y, index in self.loader)
+        if self.crops is None:
+            return (Batch(x, y, index) for x, y, index in self.loader)
+        self.crops.seed, self.crops.view = self.seed, self.view  # the workers copy the dataset as it is now
+        view = torch.tensor(self.view)
+        return (Batch(x, y, index, view) for x, y, index in self.loader)
 
 
 def train_loader(data, cfg, device, seed, *, views=None, aug_seed=None, shuffle=True, batch_size=None, rank=0,
@@ -382,8 +428,9 @@ def train_loader(data, cfg, device, seed, *, views=None, aug_seed=None, shuffle=
     """Tensor pipeline: order and augmentation are functions of (seed, epoch) and (aug_seed or seed, view, index),
     `views` cycles the augmentations as the teacher cache records them, and `shuffle=False` (every image once, in
     order) is how the cache is built, from the very pixels the students train on. DataLoader: order (and the
-    workers' augmentation seeds) come from a generator seeded with `seed`; under torchrun each of the `world`
-    processes takes its share of every epoch and of the batch."""
+    workers' random state) come from a generator seeded with `seed`; streamed crops are drawn from (aug_seed or
+    seed, view, index) as in the tensor pipeline; under torchrun each of the `world` processes takes its share of
+    every epoch and of the batch."""
     batch_size = batch_size or cfg.batch_size
     drop = shuffle and len(data.train) > batch_size
     if data.tensors:
@@ -392,11 +439,14 @@ def train_loader(data, cfg, device, seed, *, views=None, aug_seed=None, shuffle=
                             aug_seed=aug_seed)
     generator = torch.Generator().manual_seed(seed)
     common = dict(num_workers=cfg.num_workers, pin_memory=device.type == "cuda", generator=generator)
+    crops = data.train.dataset if isinstance(data.train.dataset, StreamedCrops) else None
+    replay = dict(crops=crops, seed=seed if aug_seed is None else aug_seed, views=views)
     if world > 1:
         sampler = DistributedSampler(data.train, world, rank, shuffle=shuffle, seed=seed, drop_last=True)
         return EpochLoader(DataLoader(Indexed(data.train), batch_size // world, sampler=sampler, drop_last=True,
-                                      **common))
-    return EpochLoader(DataLoader(Indexed(data.train), batch_size, shuffle=shuffle, drop_last=drop, **common))
+                                      **common), **replay)
+    return EpochLoader(DataLoader(Indexed(data.train), batch_size, shuffle=shuffle, drop_last=drop, **common),
+                       **replay)
 
 
 def eval_loaders(data, cfg, device):
