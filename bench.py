@@ -16,7 +16,8 @@ config's); and on request (not by default)
   teacher       a fresh teacher on its own recipe (teacher.train) for the students' number of epochs.
 Throughput is whole training epochs (data, augmentation, teacher or cache lookup, forward, backward, step),
 validation excluded: the mean over epochs, and the last epoch's alone (steady state: compiling happens in
-the first). The teacher checkpoint must exist: run the study first. Results go to <output_dir>/<name>_bench/
+the first). The teacher checkpoint must exist (run the study first) unless teacher.train.epochs is 0, which times an
+untrained teacher: its forward pass costs the same. Results go to <output_dir>/<name>_bench/
 (bench.md, bench.json) and are printed. --profile also profiles each run's last epoch (torch.profiler: wall and
 GPU-busy milliseconds per step, the operators that cost most on the host and on the GPU) into its folder's
 profile.txt.
@@ -26,10 +27,11 @@ inference (what building the cache or a live teacher costs) and one student trai
 autocast, contiguous and channels_last (and torch.compile with --compile), on random inputs already on the
 device; median of timed repeats after warm-up. Results go to <output_dir>/<name>_bench/formats.md.
 
---loader instead times the tensor pipeline alone (the config's data, batch size and augmentation): wall
-milliseconds and operator calls per training batch, on the config's device and on `meta`, where every operator is
-dispatched but computes nothing (what issuing them costs the host, the bound of a small model's step on a GPU).
-Results go to <output_dir>/<name>_bench/loader.md.
+--loader instead times the data pipeline alone (the config's data, batch size and augmentation). The tensor
+pipeline: wall milliseconds and operator calls per training batch, on the config's device and on `meta`, where
+every operator is dispatched but computes nothing (what issuing them costs the host, the bound of a small model's
+step on a GPU). A DataLoader over streamed files (imagenet above 64 px): decoded and augmented images per second,
+and per worker process. Results go to <output_dir>/<name>_bench/loader.md.
 """
 import argparse
 import csv
@@ -45,6 +47,7 @@ from pathlib import Path
 import torch
 
 from kd.config import COMPILE_MODES, load_config
+from kd.data.datasets import train_loader
 from kd.data.tensors import TensorLoader
 from kd.device import autocast, resolve_recipe, synchronize
 from kd.errors import ConfigError, KDError
@@ -138,8 +141,9 @@ def train_variant(study, variant, stage, seed, mode, cache=None):
 def run(cfg, stage, seeds, variants, modes, profile=False):
     """Students of each seed share the study's teacher, augmentation and so its cache, built (and timed) once."""
     from kd.study.study import Study
-    if not os.path.exists(cfg.teacher.checkpoint):
-        raise ConfigError("teacher.checkpoint", f"{cfg.teacher.checkpoint} does not exist; run the study first")
+    if not os.path.exists(cfg.teacher.checkpoint) and cfg.teacher.train.epochs > 0:
+        raise ConfigError("teacher.checkpoint", f"{cfg.teacher.checkpoint} does not exist; run the study first, or "
+                          "time an untrained teacher (teacher.train.epochs=0: its forward pass costs the same)")
     shutil.rmtree(cfg.run_dir, ignore_errors=True)  # the benchmark always starts clean
     try:
         study = Study(cfg, profile=profile)
@@ -147,9 +151,10 @@ def run(cfg, stage, seeds, variants, modes, profile=False):
         if e.key != "cache.mode":
             raise
         # bench.py, not the config, asked for the cache: say what in the config stands in its way
-        raise ConfigError("data.pipeline", f"bench.py times distillation from the teacher cache, which needs the "
-                          f"tensor pipeline: an in-memory dataset (cifar10, fashion_mnist) in one process; "
-                          f"'{cfg.data.dataset}' with pipeline '{cfg.data.pipeline}' runs on a DataLoader") from None
+        raise ConfigError("data.dataset", f"bench.py times distillation from the teacher cache, which replays "
+                          f"augmentations drawn from (seed, view, index): an in-memory dataset or streamed imagenet "
+                          f"crops, in one process; '{cfg.data.dataset}' with pipeline '{cfg.data.pipeline}' has "
+                          "neither") from None
     study.teacher.obtain()
     rows, build = [], None
     for mode in modes:
@@ -275,8 +280,7 @@ def loader(cfg, epochs=3):
     from kd.study.setting import Setting
     setting = Setting(cfg)
     if not setting.data.tensors:
-        raise ConfigError("data.pipeline", f"--loader times the tensor pipeline, which '{cfg.data.dataset}' with "
-                          f"pipeline '{cfg.data.pipeline}' does not use")
+        return streamed(setting, epochs)
     images, labels = setting.data.tensors["train"]
     lines = [f"Tensor pipeline, {len(labels)} training images, batch {cfg.data.batch_size}, augmentation "
              f"{dataclasses.asdict(cfg.data.augment)}, torch {torch.__version__}; the mean of {epochs} epochs after "
@@ -303,6 +307,31 @@ def loader(cfg, epochs=3):
         name = device_name(device) if device.type != "meta" else "meta (dispatch, no arithmetic)"
         lines.append(f"| {name} | {rows[-1]['ms_per_batch']:.2f} | {calls:.1f} |")
     return rows, "\n".join(lines) + "\n"
+
+
+def streamed(setting, epochs):
+    """Decoded and augmented training images per second of the DataLoader pipeline (files read, decoded, cropped,
+    flipped and normalised in data.num_workers worker processes), and per worker: the mean of `epochs` epochs of
+    the training split after a first (warm-up)."""
+    cfg, data = setting.cfg, setting.data
+    batches = train_loader(data, cfg.data, torch.device("cpu"), cfg.seed)
+    seconds = []
+    for epoch in range(epochs + 1):
+        batches.set_epoch(epoch)
+        start = time.perf_counter()
+        for _ in batches:
+            pass
+        seconds.append(time.perf_counter() - start)
+    n = len(batches) * cfg.data.batch_size
+    per_s = n / statistics.fmean(seconds[1:])
+    workers = cfg.data.num_workers
+    lines = [f"DataLoader pipeline, {len(data.train)} training images read from files ({cfg.data.dataset}, "
+             f"{data.image_size} px crops), batch {cfg.data.batch_size}, {workers} worker processes, "
+             f"{os.cpu_count()} CPUs, torch {torch.__version__}; the mean of {epochs} epochs after a first.", "",
+             "| images/s | images/s per worker | ms per batch |", "|---|---|---|",
+             f"| {per_s:.0f} | {per_s / max(workers, 1):.0f} | {1000 * cfg.data.batch_size / per_s:.1f} |"]
+    row = {"images_per_s": per_s, "workers": workers, "images_per_s_per_worker": per_s / max(workers, 1)}
+    return [row], "\n".join(lines) + "\n"
 
 
 def main(argv=None):

@@ -121,3 +121,37 @@ def test_bench_times_the_tensor_pipeline_on_the_device_and_on_meta(make_config, 
     assert [r["device"] for r in rows] == ["cpu", "meta"]
     assert all(r["ms_per_batch"] > 0 and r["operator_calls_per_batch"] > 10 for r in rows), rows
     assert "| meta (dispatch, no arithmetic) |" in capsys.readouterr().out
+
+
+def imagenet_like(tmp_path, **changes):
+    """A bench config over a few generated ImageNet-sized JPEGs (kd/data/synthetic.py), streamed at 96 px, with an
+    untrained teacher (teacher.train.epochs 0: no checkpoint needed)."""
+    from kd.data.synthetic import generate
+    generate(tmp_path / "data", images=24, classes=3, val=6, workers=1)
+    raw = {"name": "s", "output_dir": str(tmp_path / "runs"), "device": "cpu",
+           "data": {"dataset": "imagenet", "root": str(tmp_path / "data"), "image_size": 96, "val_size": 4,
+                    "batch_size": 5, "eval_batch_size": 6, "num_workers": 1},
+           "teacher": {"name": "resnet18", "checkpoint": str(tmp_path / "teacher.pt"), "train": {"epochs": 0}},
+           "student": {"name": "cnn", "kwargs": {"channels": [8, 16], "blocks": 1, "stem_stride": 2}},
+           "train": {"epochs": 1, "lr": 0.01, "warmup_epochs": 0}, "cache": {"views": 2},
+           "eval": {"batch_size": 2, "warmup": 0, "repeats": 1},
+           "stages": [{"name": "kd", "logit": {"name": "kd"}}], **changes}
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_bench_times_streamed_decoding_per_worker(tmp_path, capsys):
+    assert bench.main(["--config", str(imagenet_like(tmp_path)), "--loader"]) == 0
+    (row,) = json.loads((tmp_path / "runs" / "s_bench" / "loader.json").read_text())
+    assert row["workers"] == 1 and row["images_per_s"] > 0 and row["images_per_s_per_worker"] == row["images_per_s"]
+    assert "DataLoader pipeline, 20 training images read from files (imagenet, 96 px crops)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_distils_streamed_data_from_the_cache_with_an_untrained_teacher(tmp_path, capsys):
+    assert bench.main(["--config", str(imagenet_like(tmp_path)), "--variants", "alone", "live", "cached"]) == 0
+    out = capsys.readouterr().out
+    assert "cached / alone (c/a):" in out and "live / cached (b/c):" in out and "cache build (one-off, 2 views" in out
+    rows = json.loads((tmp_path / "runs" / "s_bench" / "bench.json").read_text())
+    assert [r["variant"] for r in rows] == ["alone", "live", "cached"]

@@ -118,3 +118,15 @@ def test_a_streamed_study_distils_from_its_cache_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[cache] building" in out and "(2 views)" in out
     assert (tmp_path / "runs" / "streamed" / "kd" / "result.json").exists()
+
+
+def test_generated_imagenet_like_data_has_imagenets_layout_and_sizes(tmp_path, capsys):
+    from kd.data import synthetic
+    assert synthetic.main([str(tmp_path / "d"), "--images", "60", "--classes", "4", "--val", "8"]) == 0
+    assert "wrote 68 JPEGs" in capsys.readouterr().out
+    sizes = np.array([Image.open(p).size for p in sorted((tmp_path / "d" / "train").glob("*/*.jpg"))])
+    assert len(sizes) == 60 and len({tuple(s) for s in sizes}) > 5  # many shapes, landscape and portrait
+    assert 300 < sizes.mean() < 500 and sizes.min() >= 64 and sizes.max() <= 1200
+    data = build_data(data_config(tmp_path / "d", image_size=224, val_size=8))
+    assert data.num_classes == 4 and len(data.test) == 8 and data.train.dataset[0][0].shape == (3, 224, 224)
+    assert synthetic.main([str(tmp_path / "e"), "--images", "3", "--classes", "5"]) == 2  # a class with no image
