@@ -231,6 +231,7 @@ def test_top_k_cache_keeps_the_largest_logits(make_study):
     assert torch.equal(replay.topk(3, dim=1).indices.sort(1).values, top.sort(1).values)
     assert torch.allclose(replay.gather(1, top), logits.gather(1, top), rtol=1e-2, atol=1e-2)
     assert (replay < -1000).sum(1).eq(logits.shape[1] - 3).all()
+    assert cache.arrays["topk_indices"].dtype == torch.int16  # 10 classes: 2 bytes a class index, not 4
 
 
 @pytest.mark.slow

@@ -56,7 +56,7 @@ class TeacherCache:
         arrays = {}
         if cfg.topk and cfg.topk < num_classes:
             arrays["topk_values"] = ((cfg.views, n, cfg.topk), np.float16)
-            arrays["topk_indices"] = ((cfg.views, n, cfg.topk), np.int32)
+            arrays["topk_indices"] = ((cfg.views, n, cfg.topk), np.int16 if num_classes <= 2 ** 15 else np.int32)
         else:
             arrays["logits"] = ((cfg.views, n, num_classes), np.float16)
         for layer, shape in feature_shapes.items():
