@@ -1,6 +1,7 @@
 """Teacher-output cache: replay equals the live teacher, and every change that alters outputs rebuilds it."""
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -256,3 +257,30 @@ def test_interrupted_cached_distillation_resumes_to_the_uninterrupted_result(mak
     monkeypatch.setattr(Distiller, "forward", forward)
     assert run.main(["--config", str(config("resumed")), "--device", "cpu", "--resume"]) == 0
     assert_same_training(tmp_path / "runs" / "full" / "kdf", tmp_path / "runs" / "resumed" / "kdf")
+
+
+def test_a_build_that_stopped_resumes_after_its_last_intact_view(make_study, tmp_path, monkeypatch, capsys):
+    """A build killed in its third view keeps its first two (their digests checked) and ends with the bytes of a
+    build that never stopped; a damaged finished view is built again."""
+    import kd.data.cache
+    clean = make_study(cache={"views": 3, "dir": str(tmp_path / "clean")}).students.cache().folder
+    progress_bar = kd.data.cache.Progress
+
+    def stop_at_third_view(items, label):
+        if label.endswith("view 3/3"):
+            raise KeyboardInterrupt  # as a kill would stop it: views 1 and 2 written, the third not
+        return progress_bar(items, label)
+    monkeypatch.setattr(kd.data.cache, "Progress", stop_at_third_view)
+    with pytest.raises(KeyboardInterrupt):
+        make_study(cache={"views": 3}).students.cache()
+    monkeypatch.setattr(kd.data.cache, "Progress", progress_bar)
+    folder = clean.parent.parent / "cache" / clean.name
+    damaged = np.load(folder / "logits.npy", mmap_mode="r+")
+    damaged[1, 0, 0] += 1  # the second finished view no longer matches its recorded digest
+    damaged.flush()
+    del damaged
+    capsys.readouterr()
+    assert make_study(cache={"views": 3}).students.cache().folder == folder
+    assert "views 1-1 kept from a build that stopped" in capsys.readouterr().out
+    assert (folder / "logits.npy").read_bytes() == (clean / "logits.npy").read_bytes()
+    assert not (folder / "progress.json").exists() and (folder / "manifest.json").exists()

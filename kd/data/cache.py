@@ -15,7 +15,7 @@ from kd.config import human_bytes, to_dict
 from kd.device import autocast
 from kd.errors import ConfigError, KDError
 from kd.log import Progress, info
-from kd.store import canonical, differences, file_digest, fingerprint, free_bytes, read_json, write_json
+from kd.store import canonical, content_digest, differences, file_digest, fingerprint, free_bytes, read_json, write_json
 
 FORMAT = 4
 
@@ -96,7 +96,7 @@ class TeacherCache:
         path = folder / "manifest.json"
         if not path.exists():
             if folder.exists():
-                info(f"[cache] {folder} is incomplete (no manifest); rebuilding")
+                info(f"[cache] {folder} is incomplete (no manifest: a build that stopped); building it")
             return None
         try:
             manifest = read_json(path, "")
@@ -123,22 +123,30 @@ class TeacherCache:
     @classmethod
     def build(cls, plan, teacher, taps, loader, num_classes, recipe):
         """One teacher pass per view over `loader`, in inference mode, in the students' precision and memory
-        format (`recipe`), as a live teacher would run inside their training step."""
+        format (`recipe`), as a live teacher would run inside their training step. Each finished view is recorded
+        in `progress.json` with its arrays' digests, so a build that was killed resumes after its last intact view
+        (what it was made from checked, as for a finished cache)."""
         cls.ensure_room(plan)
         folder, views = plan.folder, next(iter(plan.arrays.values()))[0][0]
-        info(f"[cache] building {cls.nbytes(plan.arrays) / 2**20:.1f} MiB of teacher outputs in {folder} "
-             f"({views} views)")
+        progress = folder / "progress.json"
         try:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "manifest.json").unlink(missing_ok=True)
-            arrays = {name: np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
-                      for name, (shape, dtype) in plan.arrays.items()}
+            arrays, done = cls.resume(plan), {}
+            if arrays is None:
+                progress.unlink(missing_ok=True)
+                arrays = {name: np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype,
+                                                          shape=shape) for name, (shape, dtype) in plan.arrays.items()}
+            else:
+                arrays, done = arrays
         except OSError as e:
             raise ConfigError("cache.dir", f"cannot write the teacher cache in {folder} ({e.strerror or e})") from None
+        info(f"[cache] building {cls.nbytes(plan.arrays) / 2**20:.1f} MiB of teacher outputs in {folder} "
+             f"({views} views" + (f"; views 1-{len(done)} kept from a build that stopped)" if done else ")"))
         layers = [name.split(".", 1)[1] for name in plan.arrays if name.startswith("feature.")]
         teacher.eval()
         taps.take()
-        for view in range(views):
+        for view in range(len(done), views):
             loader.set_epoch(view)
             for batch in Progress(loader, f"[cache] view {view + 1}/{views}"):
                 batch = batch.to(recipe.device, recipe.memory_format)  # streamed batches come from the CPU
@@ -155,6 +163,10 @@ class TeacherCache:
                     arrays["topk_indices"][view, rows] = classes.cpu().numpy()
                 for layer in layers:
                     arrays[f"feature.{layer}"][view, rows] = features[layer].float().cpu().numpy()
+            for array in arrays.values():
+                array.flush()
+            done[str(view)] = {name: content_digest(np.asarray(array[view])) for name, array in arrays.items()}
+            write_json(progress, {"made_from": plan.made_from, "views": done})
         for array in arrays.values():
             array.flush()
         files = {name: folder / f"{name}.npy" for name in plan.arrays}
@@ -164,7 +176,29 @@ class TeacherCache:
                                       "digest": file_digest(files[name])}
                                for name, (shape, _) in plan.arrays.items()}}
         write_json(folder / "manifest.json", manifest)
+        progress.unlink(missing_ok=True)
         return manifest
+
+    @staticmethod
+    def resume(plan):
+        """(the arrays, opened for writing, and the finished views' digests) of a build of `plan` that stopped,
+        its finished views intact; None to start afresh."""
+        folder = plan.folder
+        try:
+            progress = read_json(folder / "progress.json", "")
+            arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r+") for name in plan.arrays}
+        except (KDError, OSError, ValueError):
+            return None
+        if progress.get("made_from") != plan.made_from or any(
+                (a.shape, a.dtype) != (plan.arrays[n][0], np.dtype(plan.arrays[n][1])) for n, a in arrays.items()):
+            return None
+        done = {}
+        for view in range(len(progress.get("views", {}))):
+            digests = progress["views"].get(str(view))
+            if digests != {name: content_digest(np.asarray(a[view])) for name, a in arrays.items()}:
+                break
+            done[str(view)] = digests
+        return arrays, done
 
     def lookup(self, view, idx):
         """Teacher logits (and features) for the samples `idx` as seen in `view`, on the training device. With the
