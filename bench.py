@@ -151,7 +151,7 @@ def run(cfg, stage, seeds, variants, modes, profile=False):
         if e.key != "cache.mode":
             raise
         # bench.py, not the config, asked for the cache: say what in the config stands in its way
-        raise ConfigError("data.dataset", f"bench.py times distillation from the teacher cache, which replays "
+        raise ConfigError("data.pipeline", f"bench.py times distillation from the teacher cache, which replays "
                           f"augmentations drawn from (seed, view, index): an in-memory dataset or streamed imagenet "
                           f"crops, in one process; '{cfg.data.dataset}' with pipeline '{cfg.data.pipeline}' has "
                           "neither") from None
