@@ -17,7 +17,7 @@ from kd.errors import ConfigError, KDError
 from kd.log import Progress, info
 from kd.store import canonical, content_digest, differences, file_digest, fingerprint, free_bytes, read_json, write_json
 
-FORMAT = 4
+FORMAT = 5
 
 
 class CachePlan(NamedTuple):
@@ -30,10 +30,11 @@ class CachePlan(NamedTuple):
 
 
 class TeacherCache:
-    """Memory-mapped fp16 arrays under `<dir>/<key>/`: logits (K, N, classes), or the top-k values and class
-    indices when classes are many, and one array per cached feature layer. `manifest.json`, written last, holds
-    each array file's digest, checked at every open: a cache without it (a build that was killed), with a damaged
-    manifest, or with an array of the wrong size or content is rebuilt, with a message."""
+    """Memory-mapped fp16 arrays under `<dir>/<key>/`: logits (K, N, classes), or when classes are many the top-k
+    values, their class indices and the mean of the other logits (which the other classes share on replay), and one
+    array per cached feature layer. `manifest.json`, written last, holds each array file's digest, checked at every
+    open: a cache without it (a build that was killed), with a damaged manifest, or with an array of the wrong size
+    or content is rebuilt, with a message."""
 
     def __init__(self, folder, manifest, device):
         self.folder, self.manifest, self.device = folder, manifest, device
@@ -57,6 +58,7 @@ class TeacherCache:
         if cfg.topk and cfg.topk < num_classes:
             arrays["topk_values"] = ((cfg.views, n, cfg.topk), np.float16)
             arrays["topk_indices"] = ((cfg.views, n, cfg.topk), np.int16 if num_classes <= 2 ** 15 else np.int32)
+            arrays["topk_rest"] = ((cfg.views, n), np.float16)  # the mean of the other logits
         else:
             arrays["logits"] = ((cfg.views, n, num_classes), np.float16)
         for layer, shape in feature_shapes.items():
@@ -161,6 +163,8 @@ class TeacherCache:
                     values, classes = logits.topk(k, dim=1)
                     arrays["topk_values"][view, rows] = values.cpu().numpy()
                     arrays["topk_indices"][view, rows] = classes.cpu().numpy()
+                    rest = (logits.sum(1) - values.sum(1)) / (num_classes - k)
+                    arrays["topk_rest"][view, rows] = rest.cpu().numpy()
                 for layer in layers:
                     arrays[f"feature.{layer}"][view, rows] = features[layer].float().cpu().numpy()
             for array in arrays.values():
@@ -209,8 +213,11 @@ class TeacherCache:
             logits = self._fetch("logits", rows).float()
         else:
             values, classes = self._fetch("topk_values", rows).float(), self._fetch("topk_indices", rows)
-            # Classes outside the top-k get a logit far below any kept one: ~zero probability, and no NaN.
-            logits = torch.full((len(rows), self.manifest["num_classes"]), -1e4, device=self.device)
+            # Classes outside the top k share the mean of their logits, so the tail keeps its share of the
+            # softened probability at any temperature (FKD spreads the rest evenly too); a floor of -inf would
+            # give the teacher's top k all of it and lose the dark knowledge KD transfers.
+            rest = self._fetch("topk_rest", rows).float()
+            logits = rest[:, None].expand(len(rows), self.manifest["num_classes"]).clone()
             logits.scatter_(1, classes.long(), values)
         features = {layer: self._fetch(f"feature.{layer}", rows).float() for layer in self.layers}
         return {"logits": logits, "features": features}

@@ -6,6 +6,7 @@ from typing import NamedTuple
 import torch
 
 from kd.config import StageConfig, to_dict
+from kd.data.cache import FORMAT as CACHE_FORMAT
 from kd.data.cache import TeacherCache
 from kd.data.datasets import train_loader
 from kd.log import info
@@ -66,7 +67,7 @@ class Students:
             "stage": to_dict(stage, "results"),
             "seed": self.cfg.seed, "student_seed": seed,
             "teacher": self.teacher.digest if stage.uses_teacher else None,
-            "cache": to_dict(self.cfg.cache, "results") if self.replays(stage) else None})
+            "cache": {"format": CACHE_FORMAT, **to_dict(self.cfg.cache, "results")} if self.replays(stage) else None})
         made, name = fingerprint(identity), self.folder_name(stage, seed)
         return Job(stage, seed, name, identity, made, self.setting.folder.reuse(name, made, identity))
 
