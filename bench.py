@@ -290,14 +290,7 @@ def loader(cfg, epochs=3):
         batches = TensorLoader(images.to(device), labels.to(device), cfg.data.batch_size, shuffle=True,
                                drop_last=True, seed=cfg.seed, augment_cfg=cfg.data.augment, mean=setting.data.mean,
                                std=setting.data.std, device=device)
-        seconds = []
-        for epoch in range(epochs + 1):
-            batches.set_epoch(epoch)
-            start = time.perf_counter()
-            for _ in batches:
-                pass
-            synchronize(device)
-            seconds.append(time.perf_counter() - start)
+        seconds = pass_seconds(batches, epochs + 1, device)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
             for _ in batches:
                 pass
@@ -309,19 +302,26 @@ def loader(cfg, epochs=3):
     return rows, "\n".join(lines) + "\n"
 
 
+def pass_seconds(batches, epochs, device):
+    """Wall seconds of each of `epochs` passes over a training loader, doing nothing with its batches."""
+    seconds = []
+    for epoch in range(epochs):
+        batches.set_epoch(epoch)
+        start = time.perf_counter()
+        for _ in batches:
+            pass
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
 def streamed(setting, epochs):
     """Decoded and augmented training images per second of the DataLoader pipeline (files read, decoded, cropped,
     flipped and normalised in data.num_workers worker processes), and per worker: the mean of `epochs` epochs of
     the training split after a first (warm-up)."""
     cfg, data = setting.cfg, setting.data
     batches = train_loader(data, cfg.data, torch.device("cpu"), cfg.seed)
-    seconds = []
-    for epoch in range(epochs + 1):
-        batches.set_epoch(epoch)
-        start = time.perf_counter()
-        for _ in batches:
-            pass
-        seconds.append(time.perf_counter() - start)
+    seconds = pass_seconds(batches, epochs + 1, torch.device("cpu"))
     n = len(batches) * cfg.data.batch_size
     per_s = n / statistics.fmean(seconds[1:])
     workers = cfg.data.num_workers
