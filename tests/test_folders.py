@@ -209,10 +209,10 @@ def test_a_shard_member_that_expands_to_gigabytes_is_refused_before_it_is_read(t
     with tarfile.open(root / "images.tar.gz", "w:gz") as tar:
         tar.add(tmp_path / "src" / "train", "train")
         tar.add(tmp_path / "src" / "test", "test")
-    with pytest.raises(ConfigError, match=r"train/emu/x.png in .*images.tar.gz is 2 MiB, more than the 1 MiB an image "
-                                          "file here may hold"):
+    with pytest.raises(ConfigError, match=r"train/emu/x.png in .*images.tar.gz is 2.00 MiB, more than the 1.00 MiB "
+                                          "an image file here may hold"):
         build_data(data_cfg(root))
-    with pytest.raises(ConfigError, match=r"src/train/emu/x.png is 2 MiB, more than the 1 MiB"):  # a folder's too
+    with pytest.raises(ConfigError, match=r"src/train/emu/x.png is 2.00 MiB, more than the 1.00 MiB"):  # a folder's too
         build_data(data_cfg(tmp_path / "src"))
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from kd.config import human_bytes
 from kd.errors import ConfigError, first_line
 from kd.log import Progress, info
 from kd.store import atomic, file_problem, free_bytes
@@ -111,7 +112,7 @@ def _check_size(name, size):
     """A file read whole into memory is refused when no image of a small-image dataset could be that large (an
     archive member can declare gigabytes that its few compressed bytes expand to)."""
     if size > MAX_FILE_BYTES:
-        raise ConfigError("data.root", f"{name} is {size / 2**20:.0f} MiB, more than the {MAX_FILE_BYTES >> 20} MiB "
+        raise ConfigError("data.root", f"{name} is {human_bytes(size)}, more than the {human_bytes(MAX_FILE_BYTES)} "
                           "an image file here may hold; move it out of the dataset")
 
 
@@ -389,8 +390,8 @@ def load_decoded(root, cache=None):
     arrays.update(key=np.array(key), sources=np.array([s.name for s in sources]))
     need, free = sum(a.nbytes for a in arrays.values()), free_bytes(path)
     if need > free:
-        raise ConfigError("data.root", f"storing the decoded images needs {need / 2**20:.0f} MiB but {folder} has "
-                          f"{free / 2**20:.0f} MiB free; free space there")
+        raise ConfigError("data.root", f"storing the decoded images needs {human_bytes(need)} but {folder} has "
+                          f"{human_bytes(free)} free; free space there")
     with atomic(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, digest=np.array(_digest(arrays)), **arrays)
     for old in folder.glob("decoded-*.npz"):
