@@ -42,6 +42,13 @@ class Registry:
             raise ConfigError(key, f"unknown {self.kind} '{name}' ({did_you_mean(name, self._items)})")
         return self._items[name]
 
+    def call(self, name, key, *args, **optional):
+        """The constructor called with `args` and those of the `optional` context arguments it declares: one
+        written before an optional argument was added (a plugin's dataset taking only `cfg`) still works."""
+        fn = self.get(name, key)
+        declared = inspect.signature(fn).parameters
+        return fn(*args, **{k: v for k, v in optional.items() if k in declared})
+
     def build(self, name, key, kwargs, siblings=(), **context):
         """Call the constructor with config kwargs checked against its signature, so typos fail before training.
         `siblings`: the other keys valid beside the parameters (a method's `name`, `student`, ...), offered when

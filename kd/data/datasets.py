@@ -2,7 +2,6 @@
 import dataclasses
 import gzip
 import hashlib
-import inspect
 import os
 import shutil
 from dataclasses import dataclass
@@ -309,8 +308,7 @@ def build_data(cfg, device=torch.device("cpu"), distributed=False, cache=Path(Ca
     `cache` (the study's cache.dir) keeps what is decoded from a read-only data folder."""
     if Path(cfg.root).exists() and not Path(cfg.root).is_dir():
         raise ConfigError("data.root", f"{cfg.root} is a file; it names the folder that holds the dataset")
-    constructor = DATASETS.get(cfg.dataset, "data.dataset")
-    s = constructor(cfg, **({"cache": cache} if "cache" in inspect.signature(constructor).parameters else {}))
+    s = DATASETS.call(cfg.dataset, "data.dataset", cfg, cache=cache)
     classes = [str(c) for c in getattr(s.train, "classes", None) or range(s.num_classes)]  # FakeData has none
     kept, test_kept, num_classes = class_subset(cfg, s, classes)
     n = len(kept)
